@@ -1,0 +1,1 @@
+"""zeroplan's command line: one module per verb (parse, call the library, print)."""

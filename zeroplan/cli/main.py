@@ -1,0 +1,73 @@
+"""Glue: builds the typer app from the verb modules and turns errors into one line each.
+
+Every error a user can cause ends as one line on stderr and exit status 2 (3 when no plan fits);
+no traceback reaches the terminal.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+import typer
+
+from zeroplan.errors import ZeroplanError
+
+VERBS = ("estimate", "recommend", "generate", "validate", "probe", "bench", "report", "calibrate")
+
+
+def build_app() -> typer.Typer:
+    """The typer app with every verb module's command registered under its name."""
+    app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                      help="Per-GPU memory plans and DeepSpeed ZeRO configs for InternVL training.")
+    import importlib
+
+    for verb in VERBS:
+        try:
+            module = importlib.import_module(f"zeroplan.cli.{verb}")
+        except ModuleNotFoundError as error:
+            if error.name != f"zeroplan.cli.{verb}":
+                raise
+            continue
+        app.command(verb, help=module.__doc__.strip().splitlines()[0])(module.command)
+    return app
+
+
+def _one_line(message: str) -> str:
+    return " ".join(str(message).split())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; return the exit status instead of raising."""
+    command = typer.main.get_command(build_app())
+    try:
+        result = command.main(args=argv if argv is not None else sys.argv[1:], prog_name="zeroplan",
+                              standalone_mode=False)
+        return result if isinstance(result, int) else 0
+    except ZeroplanError as error:
+        print(f"zeroplan: error: {_one_line(error)}", file=sys.stderr)
+        return error.exit_code
+    except click.exceptions.NoArgsIsHelpError as error:
+        print(error.ctx.get_help() if error.ctx else "zeroplan --help")
+        return 0
+    except click.UsageError as error:
+        print(f"zeroplan: error: {_one_line(error.format_message())}", file=sys.stderr)
+        return 2
+    except click.exceptions.Exit as error:
+        return error.exit_code
+    except click.Abort:
+        print("zeroplan: aborted", file=sys.stderr)
+        return 130
+    except click.ClickException as error:
+        print(f"zeroplan: error: {_one_line(error.format_message())}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        return 0
+    except KeyboardInterrupt:
+        print("zeroplan: interrupted", file=sys.stderr)
+        return 130
+
+
+def app() -> None:
+    """Console-script entry point."""
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""The two inputs every estimate takes besides the profiles: what is trained (TrainShape) and how
+DeepSpeed shards it (Plan). Both are frozen dataclasses validated at construction."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+from zeroplan.errors import InvalidInput
+
+OFFLOAD_DEVICES = ("none", "cpu", "nvme")
+MAX_GPUS = 1 << 20
+
+
+def _check_int(name: str, value: object, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidInput(f"{name} must be a whole number, got {value!r}")
+    if not low <= value <= high:
+        raise InvalidInput(f"{name} must be between {low} and {high}, got {value}")
+
+
+@dataclass(frozen=True)
+class TrainShape:
+    """One micro-batch and what is trained.
+
+    `seq_len` counts every LLM token of a sample, the image tokens (tiles × tokens_per_tile)
+    included, as InternVL's max_seq_length does. `tiles` is the number of 448 px tiles per sample
+    (the thumbnail counted). Towers named in `frozen` get no gradients or optimizer state;
+    `lora_rank` > 0 freezes the LLM's base weights and trains PEFT LoRA adapters on it instead.
+    """
+
+    micro_batch: int = 1
+    seq_len: int = 4096
+    tiles: int = 7
+    grad_ckpt: bool = True
+    frozen: frozenset[str] = field(default_factory=frozenset)
+    lora_rank: int = 0
+    packed: bool = False
+
+    def __post_init__(self):
+        _check_int("micro-batch", self.micro_batch, 1, 4096)
+        _check_int("sequence length", self.seq_len, 1, 1 << 22)
+        _check_int("tiles", self.tiles, 0, 1024)
+        _check_int("LoRA rank", self.lora_rank, 0, 65536)
+        unknown = set(self.frozen) - {"vision", "projector", "llm"}
+        if unknown:
+            raise InvalidInput(f"cannot freeze {', '.join(sorted(unknown))}: freeze vision, projector or llm")
+        object.__setattr__(self, "frozen", frozenset(self.frozen))
+
+    def trains(self, tower: str) -> bool:
+        """Whether the tower's own (non-LoRA) weights get gradients."""
+        if tower == "llm" and self.lora_rank:
+            return False
+        return tower not in self.frozen
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How DeepSpeed shards and places the model states, and the cluster it runs on."""
+
+    stage: int = 3
+    gpus_per_node: int = 8
+    nodes: int = 1
+    offload_optimizer: str = "none"
+    offload_params: str = "none"
+    reduce_bucket_elems: int = 500_000_000
+    allgather_bucket_elems: int = 500_000_000
+    overlap_comm: bool = True
+    contiguous_gradients: bool = True
+    prefetch_bucket_elems: int = 50_000_000
+    max_live_params: int = 1_000_000_000
+    param_persistence_threshold: int = 100_000
+    sub_group_elems: int = 1_000_000_000
+
+    def __post_init__(self):
+        _check_int("ZeRO stage", self.stage, 0, 3)
+        _check_int("GPUs per node", self.gpus_per_node, 1, 1024)
+        _check_int("nodes", self.nodes, 1, MAX_GPUS)
+        if self.world_size > MAX_GPUS:
+            raise InvalidInput(f"at most {MAX_GPUS} GPUs are supported, got {self.world_size}")
+        for name in ("offload_optimizer", "offload_params"):
+            if getattr(self, name) not in OFFLOAD_DEVICES:
+                raise InvalidInput(f"{name.replace('_', ' ')} must be one of {', '.join(OFFLOAD_DEVICES)}")
+        if self.offload_optimizer != "none" and self.stage == 0:
+            raise InvalidInput("optimizer offload needs ZeRO stage 1, 2 or 3")
+        if self.offload_params != "none" and self.stage != 3:
+            raise InvalidInput("parameter offload needs ZeRO stage 3")
+        for name in ("reduce_bucket_elems", "allgather_bucket_elems", "prefetch_bucket_elems",
+                     "max_live_params", "param_persistence_threshold", "sub_group_elems"):
+            _check_int(name.replace("_", " "), getattr(self, name), 0, 1 << 40)
+
+    @property
+    def world_size(self) -> int:
+        """Data-parallel ranks: every GPU of every node."""
+        return self.gpus_per_node * self.nodes
+
+    def with_(self, **changes) -> "Plan":
+        """A copy with some fields changed (validated again)."""
+        return replace(self, **changes)
+
+
+def cluster(gpus: int | None, nodes: int | None, gpus_per_node: int | None) -> tuple[int, int]:
+    """Resolve --gpus / --nodes / --gpus-per-node into (gpus_per_node, nodes).
+
+    --gpus alone fills nodes of 8 (or of fewer when fewer GPUs are asked for)."""
+    for name, value in (("--gpus", gpus), ("--nodes", nodes), ("--gpus-per-node", gpus_per_node)):
+        if value is not None:
+            _check_int(name, value, 1, MAX_GPUS)
+    if gpus is None:
+        per_node = gpus_per_node or 8
+        return per_node, nodes or 1
+    if gpus_per_node is None:
+        per_node = gpus if nodes is None and gpus <= 8 else (gpus // nodes if nodes else 8)
+    else:
+        per_node = gpus_per_node
+    if nodes is None:
+        nodes = math.ceil(gpus / per_node)
+    if per_node * nodes != gpus:
+        raise InvalidInput(f"--gpus {gpus} is not --nodes × --gpus-per-node ({nodes} × {per_node})")
+    return per_node, nodes
