@@ -52,7 +52,7 @@ def test_a_file_that_is_not_a_profile_is_rejected():
 
 def test_unknown_model_message_lists_short_names():
     with pytest.raises(UnknownModel, match="40b"):
-        load_model(bad)
+        load_model("41b")
 
 
 @pytest.mark.parametrize("text", ["not toml [", "name = 1", '[llm]\nname="x"', "\x00\x01"])
