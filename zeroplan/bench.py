@@ -1,0 +1,458 @@
+"""Benchmark sweeps: a grid of RunSpecs, each run in its own process group, results appended to
+a JSONL file one line per finished point, so a killed sweep resumes where it stopped.
+
+A point's process gets a time limit; on timeout its whole process group is killed. A point that
+ends without a result file is recorded as "oom" or "error" with the reason read from its exit
+status and log, and the sweep goes on. Points already in the results file are skipped.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+import tomllib
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+from zeroplan import jsonl
+from zeroplan.errors import InvalidInput
+from zeroplan.profiles import load_model
+from zeroplan.runner.spec import RunSpec
+
+STATUSES = ("ok", "oom", "timeout", "error")
+OFFLOADS = {"none": ("none", "none"), "optimizer": ("cpu", "none"), "optimizer+params": ("cpu", "cpu")}
+LAUNCHERS = ("torchrun", "deepspeed")
+OOM_MARKERS = ("out of memory", "outofmemoryerror", "signal 9 (sigkill)", "cannot allocate memory")
+KILL_GRACE_S = 10.0
+LOG_TAIL_BYTES = 64 * 1024
+MAX_SWEEP_BYTES = 1 << 20
+
+CommandFor = Callable[[RunSpec, Path, Path, int], list[str]]
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The axes of a sweep (every combination is a point) and the settings every point shares."""
+
+    models: tuple[str, ...]
+    stages: tuple[int, ...] = (0, 1, 2, 3)
+    micro_batches: tuple[int, ...] = (1,)
+    grad_ckpt: tuple[bool, ...] = (True,)
+    offloads: tuple[str, ...] = ("none",)
+    seq_lens: tuple[int, ...] = (4096,)
+    tiles: tuple[int, ...] = (7,)
+    frozen: tuple[tuple[str, ...], ...] = ((),)
+    lora_ranks: tuple[int, ...] = (0,)
+    steps: int = 8
+    warmup_steps: int = 3
+    world_size: int = 1
+    gpu: str | None = None
+    dataset: str | None = None
+    seed: int = 0
+    attn_implementation: str = "sdpa"
+    packed: bool = False
+
+    def __post_init__(self):
+        for axis in ("models", "stages", "micro_batches", "grad_ckpt", "offloads", "seq_lens", "tiles",
+                     "frozen", "lora_ranks"):
+            if not getattr(self, axis):
+                raise InvalidInput(f"sweep axis {axis!r} is empty")
+        unknown = set(self.offloads) - set(OFFLOADS)
+        if unknown:
+            raise InvalidInput(f"offload must be one of {', '.join(OFFLOADS)}, got {', '.join(sorted(unknown))}")
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """A grid plus how its points are launched."""
+
+    grid: Grid
+    name: str = "sweep"
+    launcher: str = "torchrun"
+    timeout_s: float = 600.0
+
+    def __post_init__(self):
+        if self.launcher not in LAUNCHERS:
+            raise InvalidInput(f"launcher must be one of {', '.join(LAUNCHERS)}, got {self.launcher!r}")
+        if isinstance(self.timeout_s, bool) or not isinstance(self.timeout_s, (int, float)) or self.timeout_s <= 0:
+            raise InvalidInput(f"timeout must be a positive number of seconds, got {self.timeout_s!r}")
+
+
+def resolve_model(name: str) -> str:
+    """The profile's canonical name for a bundled model, else the path as given (UnknownModel if
+    it resolves to nothing), so `1b` and `InternVL2_5-1B` are the same point."""
+    profile = load_model(name)
+    if Path(name).suffix in (".toml", ".json"):
+        return name
+    return profile.name
+
+
+def expand(grid: Grid) -> list[RunSpec]:
+    """Every valid combination of the grid's axes, in grid order, as RunSpecs.
+
+    Offloads a stage cannot do (optimizer offload at stage 0, parameter offload below stage 3)
+    are left out rather than failed: a grid crossing stages with offloads means "where possible"."""
+    models = tuple(dict.fromkeys(resolve_model(m) for m in grid.models))
+    specs: list[RunSpec] = []
+    seen: set[str] = set()
+    for model, stage, micro_batch, grad_ckpt, offload, seq_len, tiles, frozen, lora_rank in itertools.product(
+            models, grid.stages, grid.micro_batches, grid.grad_ckpt, grid.offloads, grid.seq_lens,
+            grid.tiles, grid.frozen, grid.lora_ranks):
+        offload_optimizer, offload_params = OFFLOADS[offload]
+        if (offload_optimizer != "none" and stage == 0) or (offload_params != "none" and stage != 3):
+            continue
+        spec = RunSpec(model=model, stage=stage, micro_batch=micro_batch, seq_len=seq_len, tiles=tiles,
+                       grad_ckpt=grad_ckpt, frozen=tuple(frozen), lora_rank=lora_rank,
+                       offload_optimizer=offload_optimizer, offload_params=offload_params,
+                       steps=grid.steps, warmup_steps=grid.warmup_steps, gpu=grid.gpu, dataset=grid.dataset,
+                       seed=grid.seed, attn_implementation=grid.attn_implementation, packed=grid.packed,
+                       world_size=grid.world_size)
+        if spec.point_id() not in seen:
+            seen.add(spec.point_id())
+            specs.append(spec)
+    return specs
+
+
+GRID_KEYS = {"models": "models", "stages": "stages", "micro_batch": "micro_batches", "grad_ckpt": "grad_ckpt",
+             "offload": "offloads", "seq_len": "seq_lens", "tiles": "tiles", "frozen": "frozen",
+             "lora_rank": "lora_ranks"}
+RUN_KEYS = ("steps", "warmup_steps", "world_size", "gpu", "dataset", "seed", "attn_implementation", "packed")
+SWEEP_KEYS = ("name", "description", "launcher", "timeout_s", "grid", "run")
+
+
+def load_sweep(path: str | Path) -> Sweep:
+    """Read a sweep TOML file (see benchmarks/): top-level name/launcher/timeout_s, a [grid] table
+    of lists (the axes) and a [run] table of settings every point shares. Unknown keys are errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidInput(f"sweep file {path} does not exist")
+    if path.stat().st_size > MAX_SWEEP_BYTES:
+        raise InvalidInput(f"sweep file {path} is larger than {MAX_SWEEP_BYTES} bytes")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise InvalidInput(f"sweep file {path} is not valid TOML: {error}") from None
+    _reject_unknown(data, SWEEP_KEYS, str(path))
+    grid_data, run_data = data.get("grid", {}), data.get("run", {})
+    if not isinstance(grid_data, dict) or not isinstance(run_data, dict):
+        raise InvalidInput(f"{path}: [grid] and [run] must be tables")
+    _reject_unknown(grid_data, tuple(GRID_KEYS), f"{path} [grid]")
+    _reject_unknown(run_data, RUN_KEYS, f"{path} [run]")
+    if "models" not in grid_data:
+        raise InvalidInput(f"{path} [grid]: 'models' is required")
+    axes = {GRID_KEYS[key]: _axis(value, key, str(path)) for key, value in grid_data.items()}
+    try:
+        grid = Grid(**axes, **run_data)
+        return Sweep(grid=grid, name=str(data.get("name", path.stem)), launcher=data.get("launcher", "torchrun"),
+                     timeout_s=data.get("timeout_s", 600.0))
+    except TypeError as error:
+        raise InvalidInput(f"{path}: {error}") from None
+
+
+def _reject_unknown(data: dict, known: tuple[str, ...], where: str) -> None:
+    unknown = set(data) - set(known)
+    if unknown:
+        raise InvalidInput(f"{where}: unknown keys {', '.join(sorted(unknown))} (known: {', '.join(known)})")
+
+
+def _axis(value: Any, key: str, where: str) -> tuple:
+    """A grid axis: a non-empty list whose items have the type the axis takes."""
+    if not isinstance(value, list) or not value:
+        raise InvalidInput(f"{where} [grid]: {key!r} must be a non-empty list")
+    kinds = {"models": str, "offload": str, "grad_ckpt": bool, "frozen": list}
+    kind = kinds.get(key, int)
+    for item in value:
+        wrong_int = kind is int and isinstance(item, bool)
+        if not isinstance(item, kind) or wrong_int:
+            raise InvalidInput(f"{where} [grid]: {key!r} holds {item!r}, expected {kind.__name__} items")
+    if key == "frozen":
+        return tuple(tuple(sorted(towers)) for towers in value)
+    return tuple(value)
+
+
+def parse_list(text: str, kind: type, what: str) -> tuple:
+    """A comma-separated CLI list (`1b,2b`, `0,1,2,3`, `on,off`) as a tuple of `kind`."""
+    items = [item.strip() for item in text.split(",")]
+    if not text.strip() or any(not item for item in items):
+        raise InvalidInput(f"{what}: expected a comma-separated list, got {text!r}")
+    if kind is str:
+        return tuple(items)
+    if kind is bool:
+        words = {"on": True, "true": True, "yes": True, "1": True, "off": False, "false": False, "no": False, "0": False}
+        if any(item.lower() not in words for item in items):
+            raise InvalidInput(f"{what}: expected on/off values, got {text!r}")
+        return tuple(words[item.lower()] for item in items)
+    try:
+        return tuple(int(item) for item in items)
+    except ValueError:
+        raise InvalidInput(f"{what}: expected whole numbers, got {text!r}") from None
+
+
+@dataclass(frozen=True)
+class PointOutcome:
+    """How a point's process ended, before its result is read."""
+
+    exit_code: int | None
+    timed_out: bool
+    wall_s: float
+    log_tail: str
+
+
+def default_command_for(launcher: str) -> CommandFor:
+    """The runner's launch command for each point (zeroplan.runner.launch.launch_command)."""
+    from zeroplan.runner.launch import launch_command
+
+    def command_for(spec: RunSpec, spec_path: Path, result_path: Path, master_port: int) -> list[str]:
+        return launch_command(spec, str(spec_path), str(result_path), launcher=launcher, master_port=master_port)
+
+    return command_for
+
+
+def free_port() -> int:
+    """A TCP port free right now, so each point's rendezvous does not trip on the last one's."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    """In the child: ask Linux to send SIGTERM if the sweep dies (even by SIGKILL), so a killed
+    sweep does not leave a point training on the GPU while its rerun starts."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _kill_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def run_process(command: list[str], log_path: Path, timeout_s: float, grace_s: float = KILL_GRACE_S) -> PointOutcome:
+    """Run one point's command in a new session (its own process group) with its output in
+    `log_path`; past `timeout_s` the whole group gets SIGTERM, then SIGKILL after `grace_s`.
+    Whatever is left of the group when the leader exits is killed too (stray ranks)."""
+    started = time.monotonic()
+    timed_out = False
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True, preexec_fn=_die_with_parent)
+        try:
+            process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            _kill_group(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                _kill_group(process.pid, signal.SIGKILL)
+                process.wait()
+        finally:
+            if process.poll() is None:
+                _kill_group(process.pid, signal.SIGKILL)
+                process.wait()
+            _kill_group(process.pid, signal.SIGKILL)
+    return PointOutcome(process.returncode, timed_out, time.monotonic() - started, _tail(log_path))
+
+
+def _tail(path: Path) -> str:
+    with open(path, "rb") as handle:
+        size = handle.seek(0, os.SEEK_END)
+        handle.seek(max(0, size - LOG_TAIL_BYTES))
+        return handle.read().decode("utf-8", errors="replace")
+
+
+def classify(outcome: PointOutcome, result: dict[str, Any] | None, timeout_s: float) -> tuple[str, str]:
+    """(status, reason) of a finished point: the runner's own status when it wrote a result, else
+    read from how the process ended (timeout, an out-of-memory message, a signal, an exit code)."""
+    if result is not None and result.get("status") in STATUSES:
+        reason = str(result.get("reason") or result.get("error") or "")
+        if outcome.exit_code not in (0, None) and not reason:
+            reason = f"result written, then the process exited with {_describe_exit(outcome.exit_code)}"
+        return result["status"], reason
+    if outcome.timed_out:
+        return "timeout", f"no result within {timeout_s:g} s; process group killed"
+    last_line = _last_line(outcome.log_tail)
+    lowered = outcome.log_tail.lower()
+    for marker in OOM_MARKERS:
+        if marker in lowered:
+            return "oom", _line_with(outcome.log_tail, marker) or last_line
+    if outcome.exit_code == -signal.SIGKILL:
+        return "oom", "killed by SIGKILL with no result (most likely the kernel's OOM killer)"
+    if result is not None:
+        return "error", f"result has no valid status ({result.get('status')!r}); {last_line}".strip("; ")
+    ended = _describe_exit(outcome.exit_code)
+    return "error", f"no result; exited with {ended}" + (f": {last_line}" if last_line else "")
+
+
+def _describe_exit(code: int | None) -> str:
+    if code is not None and code < 0:
+        try:
+            return signal.Signals(-code).name
+        except ValueError:
+            return f"signal {-code}"
+    return f"code {code}"
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1][:300] if lines else ""
+
+
+def _line_with(text: str, marker: str) -> str:
+    for line in reversed(text.splitlines()):
+        if marker in line.lower():
+            return line.strip()[:300]
+    return ""
+
+
+def read_result(path: Path) -> dict[str, Any] | None:
+    """The runner's result object, or None when it is missing or not a JSON object."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temp.write_text(text, encoding="utf-8")
+    os.replace(temp, path)
+
+
+def run_point(spec: RunSpec, point_dir: Path, command_for: CommandFor, timeout_s: float,
+              grace_s: float = KILL_GRACE_S) -> dict[str, Any]:
+    """Run one point in its own process group and return its record for the results file: the
+    runner's result (if any) plus point_id, spec, status, reason, exit code, wall time and log."""
+    point_dir.mkdir(parents=True, exist_ok=True)
+    spec_path, result_path, log_path = point_dir / "spec.json", point_dir / "result.json", point_dir / "log.txt"
+    _write_atomic(spec_path, spec.to_json())
+    result_path.unlink(missing_ok=True)
+    command = command_for(spec, spec_path, result_path, free_port())
+    started_at = _now()
+    outcome = run_process(command, log_path, timeout_s, grace_s)
+    result = read_result(result_path)
+    status, reason = classify(outcome, result, timeout_s)
+    spec_fields = spec.to_dict()
+    record = {key: spec_fields[key] for key in ("model", "stage", "micro_batch", "seq_len", "tiles", "grad_ckpt",
+                                                 "world_size")}
+    record.update(result or {})
+    record.update({"point_id": spec.point_id(), "spec": spec_fields, "status": status, "reason": reason,
+                   "exit_code": outcome.exit_code, "wall_s": round(outcome.wall_s, 3), "log": str(log_path),
+                   "command": command, "started_at": started_at, "finished_at": _now()})
+    record.setdefault("date", record["finished_at"])
+    return record
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass
+class SweepSummary:
+    """What a sweep did: points in the grid, skipped as already done, run, and the status counts."""
+
+    total: int
+    skipped: int
+    ran: int = 0
+    statuses: dict[str, int] = field(default_factory=dict)
+
+
+def pending(specs: list[RunSpec], results_path: Path) -> list[RunSpec]:
+    """The specs whose point id is not yet in the results file (what a resumed sweep still runs)."""
+    done = jsonl.read(results_path).by_point
+    return [spec for spec in specs if spec.point_id() not in done]
+
+
+def check_results_path(results_path: Path) -> None:
+    """Fail before anything is written if the results file cannot be created or appended to."""
+    if results_path.is_dir():
+        raise InvalidInput(f"results path {results_path} is a directory")
+    if results_path.exists():
+        if not os.access(results_path, os.W_OK):
+            raise InvalidInput(f"results file {results_path} is not writable")
+        return
+    ancestor = results_path.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+        raise InvalidInput(f"cannot create results file {results_path}: {ancestor} is not a writable directory")
+
+
+class _SweepLock:
+    """An exclusive flock on the results file, so two sweeps never append the same points."""
+
+    def __init__(self, results_path: Path):
+        self.path = results_path
+        self.handle = None
+
+    def __enter__(self):
+        import fcntl
+
+        self.handle = open(self.path, "ab")
+        try:
+            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.handle.close()
+            raise InvalidInput(f"another sweep is writing {self.path}") from None
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.close()
+
+
+def run_sweep(specs: list[RunSpec], results_path: str | Path, command_for: CommandFor, timeout_s: float,
+              grace_s: float = KILL_GRACE_S, extra: dict[str, Any] | None = None,
+              on_start: Callable[[RunSpec, int, int], None] | None = None,
+              on_end: Callable[[dict[str, Any], int, int], None] | None = None) -> SweepSummary:
+    """Run every spec not already in `results_path`, appending each record as its point ends.
+
+    A torn last line from a killed sweep is cut first; points are skipped by point id, so a
+    rerun after SIGKILL runs each missing point once. `extra` keys (the sweep name, the command)
+    are added to every record. Per-point files go under `<results dir>/points/<point id>/`."""
+    results_path = Path(results_path)
+    check_results_path(results_path)
+    results_path.parent.mkdir(parents=True, exist_ok=True)
+    with _SweepLock(results_path):
+        jsonl.repair(results_path)
+        todo = pending(specs, results_path)
+        summary = SweepSummary(total=len(specs), skipped=len(specs) - len(todo))
+        for index, spec in enumerate(todo):
+            if on_start:
+                on_start(spec, index, len(todo))
+            record = run_point(spec, results_path.parent / "points" / spec.point_id(), command_for, timeout_s, grace_s)
+            record.update(extra or {})
+            jsonl.append(results_path, record)
+            summary.ran += 1
+            summary.statuses[record["status"]] = summary.statuses.get(record["status"], 0) + 1
+            if on_end:
+                on_end(record, index, len(todo))
+    return summary
+
+
+def describe(spec: RunSpec) -> str:
+    """A short human label of a point: `InternVL2_5-1B z2 mb1 ckpt s4096 t7`."""
+    parts = [spec.model, f"z{spec.stage}", f"mb{spec.micro_batch}", "ckpt" if spec.grad_ckpt else "no-ckpt",
+             f"s{spec.seq_len}", f"t{spec.tiles}"]
+    if spec.offload_optimizer != "none":
+        parts.append("off-opt" + ("+params" if spec.offload_params != "none" else ""))
+    if spec.frozen:
+        parts.append("frozen=" + "+".join(spec.frozen))
+    if spec.lora_rank:
+        parts.append(f"lora{spec.lora_rank}")
+    if spec.world_size > 1:
+        parts.append(f"x{spec.world_size}")
+    return " ".join(parts)

@@ -1,0 +1,155 @@
+"""Run a benchmark sweep: each point in its own process, results appended to a JSONL file (resumable).
+
+Give a sweep file (`--sweep benchmarks/h100_stages.toml`) or the grid as flags
+(`--model 1b,2b --stages 0,1,2,3 --micro-batch 1,2 --grad-ckpt on,off`). Points already in the
+results file are skipped, so rerunning after an interruption finishes the sweep.
+"""
+
+from __future__ import annotations
+
+import shlex
+import signal
+from dataclasses import replace
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from zeroplan import bench
+from zeroplan.errors import InvalidInput
+
+GRID_FLAGS = ("model", "stages", "micro_batch", "grad_ckpt", "offload", "seq_len", "tiles", "frozen", "lora_rank",
+              "gpus", "steps", "warmup_steps", "gpu", "attn_implementation")
+STATUS_STYLES = {"ok": "green", "oom": "yellow", "timeout": "magenta", "error": "red"}
+
+
+def command(
+    results: Path = typer.Option(..., "--results", help="Results JSONL file (appended to; resumed from)."),
+    sweep: Optional[Path] = typer.Option(None, "--sweep", help="Sweep TOML file (see benchmarks/)."),
+    launcher: Optional[str] = typer.Option(None, "--launcher", help="torchrun or deepspeed (default: the sweep's, else torchrun)."),
+    timeout_s: Optional[float] = typer.Option(None, "--timeout-s", help="Time limit of each point in seconds (default 600)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List the points and which would run; write nothing."),
+    model: Optional[str] = typer.Option(None, "--model", help="Models, comma-separated (1b,2b or profile paths)."),
+    stages: str = typer.Option("0,1,2,3", "--stages", help="ZeRO stages, comma-separated."),
+    micro_batch: str = typer.Option("1", "--micro-batch", help="Micro-batch sizes, comma-separated."),
+    grad_ckpt: str = typer.Option("on", "--grad-ckpt", help="Gradient checkpointing: on, off or on,off."),
+    offload: str = typer.Option("none", "--offload", help="none, optimizer, optimizer+params (comma-separated)."),
+    seq_len: str = typer.Option("4096", "--seq-len", help="Sequence lengths (image tokens included)."),
+    tiles: str = typer.Option("7", "--tiles", help="Tiles per sample, comma-separated."),
+    frozen: str = typer.Option("none", "--frozen", help="Frozen towers per point: none, vision, vision+projector..."),
+    lora_rank: str = typer.Option("0", "--lora-rank", help="LoRA ranks (0: full fine-tune)."),
+    gpus: int = typer.Option(1, "--gpus", help="Ranks per point (world size)."),
+    steps: int = typer.Option(8, "--steps", help="Training steps per point."),
+    warmup_steps: int = typer.Option(3, "--warmup-steps", help="Steps left out of the timings."),
+    gpu: Optional[str] = typer.Option(None, "--gpu", help="GPU profile for MFU and predictions (default: detected)."),
+    attn_implementation: str = typer.Option("sdpa", "--attn", help="sdpa, eager or flash_attention_2."),
+) -> int:
+    """Run (or list, with --dry-run) the points of a sweep not yet in the results file."""
+    flags = dict(model=model, stages=stages, micro_batch=micro_batch, grad_ckpt=grad_ckpt, offload=offload,
+                 seq_len=seq_len, tiles=tiles, frozen=frozen, lora_rank=lora_rank, gpus=gpus, steps=steps,
+                 warmup_steps=warmup_steps, gpu=gpu, attn_implementation=attn_implementation)
+    the_sweep = _sweep_from(sweep, flags, launcher, timeout_s)
+    specs = bench.expand(the_sweep.grid)
+    bench.check_results_path(results)
+    console = Console(stderr=True)
+    if dry_run:
+        _print_plan(specs, results)
+        return 0
+    extra = {"sweep": the_sweep.name, "launcher": the_sweep.launcher,
+             "bench_command": _canonical_command(sweep, results, the_sweep, flags)}
+    summary = _run_with_progress(specs, results, the_sweep, extra, console)
+    counts = ", ".join(f"{status} {count}" for status, count in sorted(summary.statuses.items())) or "nothing to run"
+    console.print(f"{summary.total} points: {summary.skipped} already done, ran {summary.ran} ({counts})")
+    console.print(f"next: zeroplan report {shlex.quote(str(results))} --out {shlex.quote(str(results.parent))}")
+    return 0
+
+
+def _sweep_from(sweep_path: Path | None, flags: dict, launcher: str | None, timeout_s: float | None) -> bench.Sweep:
+    """The sweep a sweep file or the grid flags describe, with --launcher/--timeout-s applied."""
+    if sweep_path is not None:
+        if flags["model"] is not None:
+            raise InvalidInput("give either --sweep or grid flags such as --model, not both")
+        the_sweep = bench.load_sweep(sweep_path)
+    else:
+        if flags["model"] is None:
+            raise InvalidInput("give --sweep FILE or --model (e.g. --model 1b,2b)")
+        the_sweep = bench.Sweep(grid=_grid_from_flags(flags), name="flags")
+    overrides = {key: value for key, value in (("launcher", launcher), ("timeout_s", timeout_s)) if value is not None}
+    return replace(the_sweep, **overrides)
+
+
+def _grid_from_flags(flags: dict) -> bench.Grid:
+    frozen = tuple(() if item == "none" else tuple(sorted(item.split("+")))
+                   for item in bench.parse_list(flags["frozen"], str, "--frozen"))
+    return bench.Grid(
+        models=bench.parse_list(flags["model"], str, "--model"),
+        stages=bench.parse_list(flags["stages"], int, "--stages"),
+        micro_batches=bench.parse_list(flags["micro_batch"], int, "--micro-batch"),
+        grad_ckpt=bench.parse_list(flags["grad_ckpt"], bool, "--grad-ckpt"),
+        offloads=bench.parse_list(flags["offload"], str, "--offload"),
+        seq_lens=bench.parse_list(flags["seq_len"], int, "--seq-len"),
+        tiles=bench.parse_list(flags["tiles"], int, "--tiles"),
+        frozen=frozen,
+        lora_ranks=bench.parse_list(flags["lora_rank"], int, "--lora-rank"),
+        steps=flags["steps"], warmup_steps=flags["warmup_steps"], world_size=flags["gpus"], gpu=flags["gpu"],
+        attn_implementation=flags["attn_implementation"])
+
+
+def _canonical_command(sweep_path: Path | None, results: Path, the_sweep: bench.Sweep, flags: dict) -> str:
+    """The bench command line that reproduces this sweep, as recorded beside each result."""
+    words = ["zeroplan", "bench"]
+    if sweep_path is not None:
+        words += ["--sweep", str(sweep_path)]
+    else:
+        for name in GRID_FLAGS:
+            if flags[name] is not None:
+                option = "--attn" if name == "attn_implementation" else "--" + name.replace("_", "-")
+                words += [option, str(flags[name])]
+    words += ["--results", str(results), "--launcher", the_sweep.launcher, "--timeout-s", f"{the_sweep.timeout_s:g}"]
+    return shlex.join(words)
+
+
+def _print_plan(specs: list, results: Path) -> None:
+    todo = {spec.point_id() for spec in bench.pending(specs, results)}
+    table = Table(title=f"{len(specs)} points, {len(todo)} to run ({results})")
+    for column in ("point id", "point", "state"):
+        table.add_column(column)
+    for spec in specs:
+        table.add_row(spec.point_id(), bench.describe(spec), "to run" if spec.point_id() in todo else "done")
+    Console().print(table)
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _run_with_progress(specs, results: Path, the_sweep: bench.Sweep, extra: dict, console: Console):
+    """run_sweep under a rich progress bar: the running point, done/total, the last status.
+    SIGTERM is turned into an interrupt so the running point's process group is killed too."""
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("last: {task.fields[last]}"), TimeElapsedColumn())
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        with Progress(*columns, console=console, transient=False) as progress:
+            task = progress.add_task("starting", total=None, last="-")
+
+            def on_start(spec, index, total):
+                progress.update(task, total=total, description=bench.describe(spec))
+
+            def on_end(record, index, total):
+                status = record["status"]
+                style = STATUS_STYLES.get(status, "white")
+                progress.update(task, advance=1, last=f"[{style}]{status}[/]")
+                reason = f" — {escape(record['reason'])}" if record.get("reason") else ""
+                label = escape(bench.describe(bench.RunSpec.from_dict(record["spec"])))
+                progress.console.print(f"[{style}]{status}[/] {label}"
+                                       f" ({record['wall_s']:.1f} s){reason}", markup=True, highlight=False)
+
+            return bench.run_sweep(specs, results, bench.default_command_for(the_sweep.launcher), the_sweep.timeout_s,
+                                   extra=extra, on_start=on_start, on_end=on_end)
+    finally:
+        signal.signal(signal.SIGTERM, previous)

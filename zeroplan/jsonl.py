@@ -1,0 +1,149 @@
+"""An append-only JSON Lines store of finished benchmark points, safe against SIGKILL.
+
+Each finished point is one line, written with a single write, then flush and fsync, so a killed
+writer leaves at most a torn last line. Readers skip lines that are not a JSON object (and say how
+many); `repair` cuts a torn tail before the next append so it cannot glue itself to a new record.
+A point may appear more than once (a rerun); readers keep the last line for each point id.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from zeroplan.errors import InvalidInput
+
+POINT_ID_KEY = "point_id"
+
+
+@dataclass(frozen=True)
+class Records:
+    """What a JSONL file holds: the last record per point id, in first-seen order, and the lines
+    that could not be read (torn or not a JSON object)."""
+
+    by_point: dict[str, dict[str, Any]]
+    skipped_lines: int
+
+    @property
+    def records(self) -> list[dict[str, Any]]:
+        """The records, one per point id."""
+        return list(self.by_point.values())
+
+
+def encode(record: dict[str, Any]) -> bytes:
+    """One record as one line of UTF-8 JSON; refuses records without a point id or with NaN."""
+    if not isinstance(record.get(POINT_ID_KEY), str) or not record[POINT_ID_KEY]:
+        raise InvalidInput(f"a result record needs a non-empty string {POINT_ID_KEY!r}")
+    try:
+        text = json.dumps(record, sort_keys=True, allow_nan=False, separators=(",", ":"))
+    except ValueError as error:
+        raise InvalidInput(f"result record for {record[POINT_ID_KEY]} is not valid JSON: {error}") from error
+    return (text + "\n").encode("utf-8")
+
+
+def repair(path: str | Path) -> int:
+    """Cut a torn last line (no trailing newline) left by a killed writer; return bytes removed.
+
+    Only the tail after the last newline is removed: every complete line stays untouched."""
+    path = Path(path)
+    if not path.exists():
+        return 0
+    with open(path, "r+b") as handle:
+        size = handle.seek(0, os.SEEK_END)
+        if size == 0:
+            return 0
+        handle.seek(size - 1)
+        if handle.read(1) == b"\n":
+            return 0
+        keep = _last_newline_end(handle, size)
+        handle.truncate(keep)
+        handle.flush()
+        os.fsync(handle.fileno())
+        return size - keep
+
+
+def _last_newline_end(handle, size: int) -> int:
+    """Offset just past the last newline before `size` (0 when there is none)."""
+    block = 1 << 16
+    end = size
+    while end > 0:
+        start = max(0, end - block)
+        handle.seek(start)
+        chunk = handle.read(end - start)
+        index = chunk.rfind(b"\n")
+        if index >= 0:
+            return start + index + 1
+        end = start
+    return 0
+
+
+def append(path: str | Path, record: dict[str, Any]) -> None:
+    """Append one record durably: one write of the whole line, flush, fsync.
+
+    If the file ends in a torn line, a newline goes first so the new record stays a line of its
+    own (the torn one stays unreadable and is skipped)."""
+    line = encode(record)
+    path = Path(path)
+    with open(path, "ab+") as handle:
+        size = handle.seek(0, os.SEEK_END)
+        if size:
+            handle.seek(size - 1)
+            if handle.read(1) != b"\n":
+                line = b"\n" + line
+        handle.write(line)
+        handle.flush()
+        os.fsync(handle.fileno())
+    if size == 0:
+        _fsync_directory(path.parent)
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make a newly created file's directory entry durable too."""
+    try:
+        descriptor = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+def read(path: str | Path) -> Records:
+    """Every readable record of a JSONL file, the last one per point id; missing file -> empty."""
+    path = Path(path)
+    by_point: dict[str, dict[str, Any]] = {}
+    skipped = 0
+    if not path.exists():
+        return Records(by_point, 0)
+    if path.is_dir():
+        raise InvalidInput(f"{path} is a directory, not a results file")
+    with open(path, "rb") as handle:
+        for raw in handle:
+            if not raw.strip():
+                continue
+            record = _decode(raw)
+            if record is None:
+                skipped += 1
+                continue
+            point_id = record[POINT_ID_KEY]
+            by_point[point_id] = record
+    return Records(by_point, skipped)
+
+
+def _decode(raw: bytes) -> dict[str, Any] | None:
+    """A line as a record, or None when it is torn, not JSON, or lacks a point id."""
+    if not raw.endswith(b"\n"):
+        return None
+    try:
+        record = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(record, dict) or not isinstance(record.get(POINT_ID_KEY), str):
+        return None
+    return record
