@@ -1,0 +1,210 @@
+"""Measurement beside the training loop: step timing, throughput, FLOPs/MFU, memory peaks, NVML,
+versions, and the prediction to compare against. The loop only calls `StepMeter.step(batch)`
+around each step; everything else happens before or after it."""
+
+from __future__ import annotations
+
+import contextlib
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+from zeroplan.flops import step_flops
+
+
+@dataclass
+class StepRecord:
+    """One step as measured on this rank: wall time, what it processed, its model FLOPs."""
+
+    seconds: float
+    samples: int
+    tiles: int
+    text_tokens: int
+    image_tokens: int
+    flops: int
+
+
+@dataclass
+class StepMeter:
+    """Times steps (synchronising CUDA so the time is the GPU's) and samples NVML after each."""
+
+    profile: object
+    shape: object
+    cuda: bool
+    nvml: object = None
+    records: list[StepRecord] = field(default_factory=list)
+    nvml_used_bytes: list[int] = field(default_factory=list)
+    steps_peak_allocated_bytes: int | None = None
+
+    @contextlib.contextmanager
+    def step(self, batch):
+        """Context around one whole step (forward, backward, optimizer step)."""
+        self._synchronize()
+        start = time.perf_counter()
+        yield
+        self._synchronize()
+        seconds = time.perf_counter() - start
+        flops = step_flops(self.profile, self.shape, batch.tiles, batch.segment_lengths).total
+        self.records.append(StepRecord(seconds, batch.samples, batch.tiles, batch.text_tokens, batch.image_tokens, flops))
+        if self.nvml is not None:
+            self.nvml_used_bytes.append(self.nvml.used_bytes())
+
+    def _synchronize(self):
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+
+
+class Nvml:
+    """NVML's view of this rank's GPU (device memory used, driver), when nvidia-ml-py works."""
+
+    def __init__(self, local_rank: int):
+        import pynvml
+
+        pynvml.nvmlInit()
+        self.pynvml = pynvml
+        self.handle = self._handle(local_rank)
+
+    def _handle(self, local_rank: int):
+        import torch
+
+        bus_id = getattr(torch.cuda.get_device_properties(local_rank), "pci_bus_id", None)
+        if bus_id:
+            with contextlib.suppress(self.pynvml.NVMLError):
+                return self.pynvml.nvmlDeviceGetHandleByPciBusId(str(bus_id))
+        import os
+
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+        indices = [v for v in visible.split(",") if v.strip().isdigit()]
+        index = int(indices[local_rank]) if local_rank < len(indices) else local_rank
+        return self.pynvml.nvmlDeviceGetHandleByIndex(index)
+
+    def used_bytes(self) -> int:
+        """Memory used on the device right now, every process and the CUDA context included."""
+        return int(self.pynvml.nvmlDeviceGetMemoryInfo(self.handle).used)
+
+    def driver(self) -> str:
+        value = self.pynvml.nvmlSystemGetDriverVersion()
+        return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def open_nvml(cuda: bool, local_rank: int) -> Nvml | None:
+    """NVML for this rank's GPU, or None on the CPU or without a working nvidia-ml-py."""
+    if not cuda:
+        return None
+    try:
+        return Nvml(local_rank)
+    except Exception:  # noqa: BLE001 - NVML is optional; any failure just means no NVML numbers
+        return None
+
+
+def throughput(records: list[StepRecord], warmup_steps: int, world_size: int, peak_flops_per_gpu: float | None) -> dict:
+    """Median step time and rates over the steps after warmup. Counts are this rank's times
+    world_size (every rank runs the same shape); rates are totals over measured time."""
+    measured = records[warmup_steps:] or records
+    seconds = sum(r.seconds for r in measured)
+    total = {key: world_size * sum(getattr(r, key) for r in measured)
+             for key in ("samples", "tiles", "text_tokens", "image_tokens", "flops")}
+    flops_per_s = total["flops"] / seconds if seconds else 0.0
+    return {
+        "step_time_s": statistics.median(r.seconds for r in measured),
+        "step_times_s": [r.seconds for r in records],
+        "measured_steps": len(measured),
+        "tokens_per_s": (total["text_tokens"] + total["image_tokens"]) / seconds if seconds else 0.0,
+        "text_tokens_per_s": total["text_tokens"] / seconds if seconds else 0.0,
+        "image_tokens_per_s": total["image_tokens"] / seconds if seconds else 0.0,
+        "samples_per_s": total["samples"] / seconds if seconds else 0.0,
+        "tiles_per_s": total["tiles"] / seconds if seconds else 0.0,
+        "model_flops_per_step": total["flops"] / len(measured),
+        "achieved_tflops": flops_per_s / 1e12,
+        "achieved_tflops_per_gpu": flops_per_s / 1e12 / world_size,
+        "mfu": flops_per_s / (peak_flops_per_gpu * world_size) if peak_flops_per_gpu else None,
+    }
+
+
+def patch_tokens_per_s(tiles_per_s: float, profile) -> float:
+    """Vision tokens through InternViT per second: each tile is its patches plus the class token."""
+    return tiles_per_s * (profile.vision.patches_per_tile + 1)
+
+
+def memory_peaks(cuda: bool) -> dict:
+    """This rank's allocator peaks (CUDA) or the process's peak resident set (CPU)."""
+    import resource
+
+    out = {"peak_allocated_bytes": None, "peak_reserved_bytes": None,
+           "host_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    if cuda:
+        import torch
+
+        out["peak_allocated_bytes"] = int(torch.cuda.max_memory_allocated())
+        out["peak_reserved_bytes"] = int(torch.cuda.max_memory_reserved())
+    return out
+
+
+def gather_to_all(value):
+    """Every rank's `value`, in rank order (all_gather_object; works on gloo and nccl)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return [value]
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
+def prediction(profile, shape, plan, gpu) -> dict:
+    """zeroplan's memory estimate for the run (None fields when the estimator is unavailable)."""
+    try:
+        from zeroplan.memory import estimate
+
+        breakdown = estimate(profile, shape, plan, gpu)
+        return {"predicted_peak_bytes": int(breakdown.peak_bytes),
+                "predicted_peak_allocated_bytes": int(getattr(breakdown, "peak_allocated", 0)) or None,
+                "predicted_peak_reserved_bytes": int(getattr(breakdown, "peak_reserved", 0)) or None,
+                "predicted_breakdown": breakdown.as_dict(), "prediction_unavailable": None}
+    except (ImportError, AttributeError) as error:
+        return {"predicted_peak_bytes": None, "predicted_peak_allocated_bytes": None,
+                "predicted_peak_reserved_bytes": None, "predicted_breakdown": None,
+                "prediction_unavailable": f"{type(error).__name__}: {error}"}
+
+
+def relative_error(predicted: int | None, measured: int | None) -> float | None:
+    """(predicted − measured) / measured; positive means the estimate was too high."""
+    if not predicted or not measured:
+        return None
+    return (predicted - measured) / measured
+
+
+def prediction_errors(result: dict) -> dict:
+    """The estimate against what was measured: allocated vs allocated, reserved vs reserved, and
+    the whole-GPU peak (reserved + CUDA context) vs NVML's peak 'used' when NVML is there."""
+    errors = {
+        "allocated": relative_error(result.get("predicted_peak_allocated_bytes"), result.get("measured_peak_allocated_bytes")),
+        "reserved": relative_error(result.get("predicted_peak_reserved_bytes"), result.get("measured_peak_reserved_bytes")),
+        "nvml_used": relative_error(result.get("predicted_peak_bytes"), result.get("nvml_peak_used_bytes")),
+    }
+    main = errors["nvml_used"] if errors["nvml_used"] is not None else errors["allocated"]
+    return {"prediction_relative_error": main, "prediction_relative_errors": errors}
+
+
+def environment(cuda: bool, nvml: Nvml | None) -> dict:
+    """Device, driver, library versions and the date (UTC, ISO 8601)."""
+    import torch
+
+    versions = {"python": platform.python_version(), "torch": torch.__version__}
+    for name in ("deepspeed", "transformers", "peft"):
+        try:
+            versions[name] = __import__(name).__version__
+        except ImportError:
+            versions[name] = None
+    device = torch.cuda.get_device_name() if cuda else f"cpu ({platform.processor() or platform.machine()})"
+    driver = None
+    if nvml is not None:
+        with contextlib.suppress(Exception):
+            driver = nvml.driver()
+    return {"device": device, "driver": driver, "cuda": torch.version.cuda if cuda else None,
+            "versions": versions, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "host": platform.node()}

@@ -1,0 +1,122 @@
+"""RunSpec: everything that defines one measured training run, as plain data (no torch here).
+
+The sweep writes a RunSpec to JSON, launches `zeroplan.runner.train` on it and reads the result;
+`point_id()` names the run so a sweep can skip points it has already measured.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, fields
+
+from zeroplan.errors import InvalidInput
+from zeroplan.plan import OFFLOAD_DEVICES, Plan, TrainShape
+
+TOWERS = ("vision", "projector", "llm")
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+NOT_IN_POINT_ID = frozenset({"steps", "warmup_steps"})
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One training run: model, ZeRO plan, micro-batch shape, data and how long to measure.
+
+    `model` is a profile name/path, or a local checkpoint folder (with config.json).
+    `seq_len` counts image tokens too, as InternVL's max_seq_length does; `tiles` is the mean
+    number of tiles per sample (exactly that many when `fixed_tiles`). `dataset` is an InternVL
+    JSONL file (None: synthetic batches). `gpu` names the GPU profile used for MFU and the
+    prediction (None: matched from the device name, else zeroplan's default). `lr` is AdamW's
+    learning rate (InternVL's fine-tunes use 2e-5 to 4e-5; tests use more to see the loss fall).
+    """
+
+    model: str = "tiny"
+    stage: int = 2
+    micro_batch: int = 1
+    seq_len: int = 4096
+    tiles: int = 7
+    grad_ckpt: bool = True
+    frozen: tuple[str, ...] = ()
+    lora_rank: int = 0
+    offload_optimizer: str = "none"
+    offload_params: str = "none"
+    steps: int = 8
+    warmup_steps: int = 3
+    gpu: str | None = None
+    dataset: str | None = None
+    seed: int = 0
+    attn_implementation: str = "sdpa"
+    packed: bool = False
+    world_size: int = 1
+    fixed_tiles: bool = False
+    lr: float = 2e-5
+
+    def __post_init__(self):
+        object.__setattr__(self, "frozen", tuple(sorted(set(self.frozen))))
+        unknown = set(self.frozen) - set(TOWERS)
+        if unknown:
+            raise InvalidInput(f"cannot freeze {', '.join(sorted(unknown))}: freeze vision, projector or llm")
+        if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
+            raise InvalidInput(f"attn_implementation must be one of {', '.join(ATTN_IMPLEMENTATIONS)}")
+        for name in ("offload_optimizer", "offload_params"):
+            if getattr(self, name) not in OFFLOAD_DEVICES:
+                raise InvalidInput(f"{name} must be one of {', '.join(OFFLOAD_DEVICES)}")
+        for name, low in (("steps", 1), ("warmup_steps", 0), ("world_size", 1), ("seed", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise InvalidInput(f"{name} must be a whole number >= {low}, got {value!r}")
+        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not 0 < self.lr < 1:
+            raise InvalidInput(f"lr must be a number between 0 and 1, got {self.lr!r}")
+        if self.warmup_steps >= self.steps:
+            raise InvalidInput(f"warmup_steps ({self.warmup_steps}) must be fewer than steps ({self.steps})")
+        self.shape(), self.plan()
+
+    def shape(self) -> TrainShape:
+        """The TrainShape the estimator sees for this run."""
+        return TrainShape(micro_batch=self.micro_batch, seq_len=self.seq_len, tiles=self.tiles,
+                          grad_ckpt=self.grad_ckpt, frozen=frozenset(self.frozen), lora_rank=self.lora_rank,
+                          packed=self.packed)
+
+    def plan(self) -> Plan:
+        """The Plan of this run: one node of `world_size` GPUs, zeroplan's default buckets."""
+        return Plan(stage=self.stage, gpus_per_node=self.world_size, nodes=1,
+                    offload_optimizer=self.offload_optimizer, offload_params=self.offload_params)
+
+    def to_dict(self) -> dict:
+        """Plain JSON-able fields."""
+        data = asdict(self)
+        data["frozen"] = list(self.frozen)
+        return data
+
+    def to_json(self) -> str:
+        """JSON text with sorted keys (stable across runs)."""
+        return json.dumps(self.to_dict(), sort_keys=True, indent=1)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "RunSpec":
+        """Inverse of to_dict; unknown keys are an error, missing ones take defaults."""
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise InvalidInput(f"unknown RunSpec fields: {', '.join(sorted(unknown))}")
+        data = dict(data)
+        if "frozen" in data:
+            data["frozen"] = tuple(data["frozen"])
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> "RunSpec":
+        """Inverse of to_json."""
+        try:
+            data = json.loads(text)
+        except ValueError as error:
+            raise InvalidInput(f"RunSpec is not valid JSON: {error}") from None
+        if not isinstance(data, dict):
+            raise InvalidInput("RunSpec JSON must be an object")
+        return cls.from_dict(data)
+
+    def point_id(self) -> str:
+        """Stable 16-hex-digit name of the measured point: a hash of every field that changes what
+        is run (steps and warmup_steps only change how long it is measured, so they are left out)."""
+        data = {k: v for k, v in self.to_dict().items() if k not in NOT_IN_POINT_ID}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
