@@ -1,0 +1,149 @@
+"""DeepSpeed adapter: DeepSpeed's own config validation and its model-state memory estimators.
+
+DeepSpeed is imported inside the functions, so importing this module costs nothing and the
+planner still answers where DeepSpeed is not installed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from zeroplan.dsconfig import auto_fields, fill_auto, hf_auto_values
+from zeroplan.errors import InvalidConfig, MissingDependency
+from zeroplan.params import count_parameters, lora_tensors
+from zeroplan.plan import Plan, TrainShape
+from zeroplan.profiles import ModelProfile
+
+# Placeholder hidden size for the HF Trainer's bucket rules while validating: any positive size
+# gives values DeepSpeed accepts, and the real one depends on the model, not the config.
+_PLACEHOLDER_HIDDEN_SIZE = 4096
+
+
+def _deepspeed_config_class():
+    try:
+        from deepspeed.runtime.config import DeepSpeedConfig
+    except ImportError as error:
+        raise MissingDependency(f"deepspeed is not importable ({error}); install zeroplan[train]") from None
+    return DeepSpeedConfig
+
+
+def _run_quietly(function, *args):
+    """Call DeepSpeed with its logger raised to ERROR (it logs every config it parses at INFO),
+    restoring the level afterwards so a training run's logging is untouched."""
+    logger = logging.getLogger("DeepSpeed")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        return function(*args)
+    finally:
+        logger.setLevel(level)
+
+
+def _one_line_reason(error: Exception) -> str:
+    """A pydantic ValidationError as 'section.field: message'; anything else as its first line."""
+    errors = getattr(error, "errors", None)
+    if callable(errors):
+        try:
+            first = errors()[0]
+            where = ".".join(str(part) for part in first.get("loc", ()))
+            model = getattr(error, "title", "")
+            return f"{model} {where}: {first.get('msg', '')}".strip()
+        except (IndexError, TypeError, AttributeError):
+            pass
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _per_rank_batch(config: dict[str, Any], world_size: int | None) -> dict[str, Any]:
+    """DeepSpeedConfig without torch.distributed assumes one rank; divide train_batch_size by the
+    world size so its check `train_batch == micro × accum × world` runs on the real world size."""
+    total = config.get("train_batch_size")
+    if total is None or isinstance(total, bool) or not isinstance(total, (int, float)):
+        return config
+    if world_size is None:
+        micro, accum = (config.get(key, 1) for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps"))
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (micro, accum)):
+            return config
+        if total % (micro * accum):
+            raise InvalidConfig(f"train_batch_size {total:g} is not a multiple of micro-batch × accumulation "
+                                f"({micro} × {accum})")
+        return {**config, "train_batch_size": micro * accum}
+    if total % world_size:
+        raise InvalidConfig(f"train_batch_size {total:g} is not a multiple of the {world_size} GPUs")
+    return {**config, "train_batch_size": int(total // world_size)}
+
+
+def _given_or_one(config: dict[str, Any], key: str) -> int:
+    """The config's own batch number, so the placeholder for an "auto" beside it stays consistent."""
+    value = config.get(key)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 1
+
+
+def validate_config(config: dict, world_size: int | None = None) -> list[str]:
+    """Run DeepSpeed's own DeepSpeedConfig (its pydantic sections and batch checks) on the config,
+    without initializing torch.distributed, and return the "auto" field paths.
+
+    "auto" values are handled like the HF integration: each path the HF Trainer fills gets a
+    placeholder of the right kind before DeepSpeed sees it; an "auto" the Trainer does not fill
+    is rejected. Raises InvalidConfig with one line when DeepSpeed rejects the config."""
+    if not isinstance(config, dict):
+        raise InvalidConfig("a DeepSpeed config must be a JSON object")
+    if world_size is not None and (isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1):
+        raise InvalidConfig(f"world size must be a positive whole number, got {world_size!r}")
+    autos = auto_fields(config)
+    placeholders = hf_auto_values(micro_batch=_given_or_one(config, "train_micro_batch_size_per_gpu"),
+                                  gradient_accumulation=_given_or_one(config, "gradient_accumulation_steps"),
+                                  world_size=world_size or 1, hidden_size=_PLACEHOLDER_HIDDEN_SIZE)
+    filled = _per_rank_batch(fill_auto(config, placeholders), world_size)
+    deepspeed_config = _deepspeed_config_class()
+    try:
+        _run_quietly(deepspeed_config, json.loads(json.dumps(filled)))
+    except (ValueError, TypeError, KeyError, AssertionError, AttributeError) as error:
+        raise InvalidConfig(f"DeepSpeed rejects the config: {_one_line_reason(error)}") from None
+    return autos
+
+
+def _trainable_params(profile: ModelProfile, shape: TrainShape) -> int:
+    counts = count_parameters(profile)
+    trained = sum(getattr(counts, tower) for tower in ("vision", "projector", "llm") if shape.trains(tower))
+    return trained + sum(t.numel for t in lora_tensors(profile, shape.lora_rank))
+
+
+def estimator_bytes(profile: ModelProfile, shape: TrainShape, plan: Plan) -> tuple[dict | None, str]:
+    """DeepSpeed's own model-state estimates (estimate_zero2_model_states_mem_needs and
+    estimate_zero3_model_states_mem_needs, called, not re-implemented) for this model and cluster.
+
+    Returns (estimates, "") or (None, reason) when DeepSpeed is not importable. The formulas assume
+    every parameter they are given is trained, so they get the trainable count (frozen towers'
+    weights are not in them); the ZeRO-3 one also gets the largest module, which is gathered
+    whole. CPU bytes are per node. `for_stage` picks the one matching the plan; DeepSpeed has no
+    stage 0/1 estimator, so those use the ZeRO-2 formula (an under-estimate for stage 0/1, where
+    gradients are not partitioned), said in `note`."""
+    try:
+        from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+        from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+    except ImportError as error:
+        return None, f"deepspeed is not importable ({error}); its estimators were skipped"
+    trainable = _trainable_params(profile, shape)
+    largest_layer = count_parameters(profile).largest_layer
+    offload_optimizer, offload_params = plan.offload_optimizer != "none", plan.offload_params != "none"
+    zero2_cpu, zero2_gpu = estimate_zero2_model_states_mem_needs(
+        total_params=trainable, num_gpus_per_node=plan.gpus_per_node, num_nodes=plan.nodes,
+        cpu_offload=offload_optimizer)
+    zero3_cpu, zero3_gpu, _ = estimate_zero3_model_states_mem_needs(
+        total_params=trainable, largest_layer_params=largest_layer, num_gpus_per_node=plan.gpus_per_node,
+        num_nodes=plan.nodes, cpu_offload=offload_optimizer, cpu_offload_params=offload_params, zero_init=True)
+    estimates: dict[str, Any] = {
+        "zero2": {"gpu_bytes": int(zero2_gpu), "cpu_bytes": int(zero2_cpu)},
+        "zero3": {"gpu_bytes": int(zero3_gpu), "cpu_bytes": int(zero3_cpu)},
+        "total_params": trainable, "largest_layer_params": largest_layer,
+    }
+    estimates["for_stage"] = dict(estimates["zero3" if plan.stage == 3 else "zero2"])
+    if plan.stage < 2:
+        kept_whole = "16-bit gradients" if plan.stage == 1 else "gradients, fp32 weights and optimizer states"
+        estimates["for_stage"]["note"] = (f"DeepSpeed has no ZeRO-{plan.stage} estimator; this is its ZeRO-2 "
+                                          f"formula, which partitions the {kept_whole} that stage {plan.stage} "
+                                          "keeps whole on every GPU (an under-estimate)")
+    return estimates, ""

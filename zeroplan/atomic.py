@@ -1,0 +1,71 @@
+"""Atomic file writes: a reader sees the old file or the new one, never half of either.
+
+Each file is written to a temporary file in its own folder (so os.replace stays on one file
+system and is atomic), flushed to disk, then renamed over the target. On any failure the
+temporary files are removed and the targets are left as they were.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from zeroplan.errors import InvalidInput
+
+
+def _to_bytes(content: str | bytes) -> bytes:
+    return content.encode("utf-8") if isinstance(content, str) else bytes(content)
+
+
+def _file_mode(path: Path) -> int:
+    """The target's current mode, or what a plain open() would give a new file (mkstemp's 0600
+    would make generated configs unreadable to the rest of a team)."""
+    try:
+        return path.stat().st_mode & 0o777
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
+def _write_temp(path: Path, data: bytes) -> Path:
+    """Write data to a new temporary file beside path and return the temporary file's path."""
+    descriptor, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.chmod(temp_name, _file_mode(path))
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise
+    return Path(temp_name)
+
+
+def write_atomic(path: str | os.PathLike, content: str | bytes) -> None:
+    """Replace `path` with `content` (str is written as UTF-8) in one atomic rename."""
+    write_files_atomic({path: content})
+
+
+def write_files_atomic(files: dict[str | os.PathLike, str | bytes]) -> None:
+    """Write several files: every temporary file is written first and only then are they renamed
+    into place, so a failure while writing (disk full, permissions) leaves no target touched and
+    no temporary file behind. Parent folders are created. The renames themselves are atomic one
+    by one, not as a group."""
+    targets = {Path(path): _to_bytes(content) for path, content in files.items()}
+    temps: dict[Path, Path] = {}
+    try:
+        for target, data in targets.items():
+            if target.is_dir():
+                raise InvalidInput(f"cannot write {target}: it is a folder")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            temps[target] = _write_temp(target, data)
+        for target, temp in temps.items():
+            os.replace(temp, target)
+    except OSError as error:
+        raise InvalidInput(f"cannot write {error.filename or 'output'}: {error.strerror or error}") from None
+    finally:
+        for temp in temps.values():
+            temp.unlink(missing_ok=True)
