@@ -1,0 +1,1 @@
+"""Thin adapters around the heavy dependencies (DeepSpeed, transformers, NVML)."""

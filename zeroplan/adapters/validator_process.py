@@ -1,0 +1,76 @@
+"""DeepSpeed's config validation in a child process started before planning.
+
+Importing DeepSpeed (and torch under it) takes about a second; the planner takes a fraction of
+that. Starting the import in a second process when a command begins lets both run at once, so
+`zeroplan recommend` validates every config through DeepSpeed and still answers quickly.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from zeroplan.errors import InvalidConfig
+
+
+class BackgroundValidator:
+    """A child process that imports DeepSpeed now and validates one config when asked."""
+
+    def __init__(self):
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "zeroplan.adapters.validator_process"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+
+    def validate(self, config: dict, world_size: int | None, timeout_s: float = 120) -> tuple[list[str], str]:
+        """(auto field names, note). Raises InvalidConfig when DeepSpeed rejects the config; the note
+        says when DeepSpeed could not be asked (not installed), so the caller can say so."""
+        try:
+            out, _ = self._process.communicate(json.dumps({"config": config, "world_size": world_size}),
+                                               timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.close()
+            return [], "DeepSpeed validation timed out; the config was not validated"
+        try:
+            answer = json.loads(out.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            return [], "DeepSpeed validation process failed; the config was not validated"
+        if answer.get("error"):
+            raise InvalidConfig(answer["error"])
+        return answer.get("auto", []), answer.get("note", "")
+
+    def close(self) -> None:
+        """Stop the child if it still runs."""
+        if self._process.poll() is None:
+            self._process.kill()
+            self._process.wait()
+
+
+def _serve() -> None:
+    import logging
+    import os
+
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    logging.disable(logging.WARNING)
+    from zeroplan.errors import MissingDependency
+
+    try:
+        from zeroplan.adapters import deepspeed_adapter
+        deepspeed_adapter._deepspeed_config_class()
+        ready = None
+    except MissingDependency as error:
+        ready = str(error)
+    request = json.loads(sys.stdin.read())
+    if ready is not None:
+        answer = {"auto": [], "note": f"not validated: {ready}"}
+    else:
+        try:
+            auto = deepspeed_adapter.validate_config(request["config"], request["world_size"])
+            answer = {"auto": auto, "note": ""}
+        except InvalidConfig as error:
+            answer = {"error": str(error)}
+    sys.stdout.write("\n" + json.dumps(answer) + "\n")
+
+
+if __name__ == "__main__":
+    _serve()

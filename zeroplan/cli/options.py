@@ -1,0 +1,68 @@
+"""Options shared by the verbs that plan (estimate, recommend, validate), and the conversion of
+their values into TrainShape / Plan. Parsing only; the library validates."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Annotated, Optional
+
+import typer
+
+from zeroplan.errors import InvalidInput
+from zeroplan.plan import Plan, TrainShape, cluster
+
+Model = Annotated[str, typer.Option("--model", "-m", help="Short name (8b, 40b), full name or profile file.")]
+Gpus = Annotated[Optional[int], typer.Option("--gpus", help="Total GPUs (nodes of 8 unless said otherwise).")]
+Nodes = Annotated[Optional[int], typer.Option("--nodes", help="Number of nodes.")]
+GpusPerNode = Annotated[Optional[int], typer.Option("--gpus-per-node", help="GPUs in each node.")]
+Gpu = Annotated[Optional[str], typer.Option("--gpu", help="GPU profile (a100-80gb, h100-80gb, ...); default: probed.")]
+SeqLen = Annotated[int, typer.Option("--seq-len", help="LLM tokens per sample, image tokens included.")]
+Tiles = Annotated[int, typer.Option("--tiles", help="448px image tiles per sample (thumbnail included).")]
+Freeze = Annotated[Optional[list[str]], typer.Option("--freeze", help="Freeze a tower: vision, projector, llm (repeatable).")]
+LoraRank = Annotated[int, typer.Option("--lora-rank", help="Train LoRA adapters of this rank on the LLM (0: off).")]
+Json = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")]
+
+
+def parse_freeze(values: list[str] | None) -> frozenset[str]:
+    """--freeze vision --freeze llm, or --freeze vision,llm."""
+    towers: set[str] = set()
+    for value in values or []:
+        towers.update(part.strip().lower() for part in value.split(",") if part.strip())
+    return frozenset(towers)
+
+
+def build_shape(micro_batch: int, seq_len: int, tiles: int, grad_ckpt: bool, freeze: list[str] | None,
+                lora_rank: int, profile=None) -> TrainShape:
+    """TrainShape from CLI values; checks that the image tokens fit in the sequence."""
+    shape = TrainShape(micro_batch=micro_batch, seq_len=seq_len, tiles=tiles, grad_ckpt=grad_ckpt,
+                       frozen=parse_freeze(freeze), lora_rank=lora_rank)
+    if profile is not None and tiles * profile.tokens_per_tile >= seq_len:
+        raise InvalidInput(f"--tiles {tiles} make {tiles * profile.tokens_per_tile} image tokens, which do not fit in "
+                           f"--seq-len {seq_len}; raise --seq-len or lower --tiles")
+    return shape
+
+
+def build_plan(stage: int, gpus: int | None, nodes: int | None, gpus_per_node: int | None,
+               offload_optimizer: str = "none", offload_params: str = "none", **extra) -> Plan:
+    """Plan from CLI values (cluster arithmetic included)."""
+    per_node, node_count = cluster(gpus, nodes, gpus_per_node)
+    return Plan(stage=stage, gpus_per_node=per_node, nodes=node_count, offload_optimizer=offload_optimizer.lower(),
+                offload_params=offload_params.lower(), **extra)
+
+
+def check_fraction(name: str, value: float) -> float:
+    """Reject NaN / infinite / out-of-range fractions with one line."""
+    if not math.isfinite(value) or not 0 <= value < 0.9:
+        raise InvalidInput(f"{name} must be a fraction from 0 to 0.9, got {value}")
+    return value
+
+
+def gib(value: int) -> str:
+    """Bytes as GiB with two decimals, for tables."""
+    return f"{value / 2**30:,.2f}"
+
+
+def print_json(data) -> None:
+    """One JSON object on stdout."""
+    typer.echo(json.dumps(data, indent=2, sort_keys=False))

@@ -1,0 +1,142 @@
+"""Recommend the fastest ZeRO plan that fits, explain the runners-up, write its DeepSpeed config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from zeroplan.cli import options as o
+
+ENTRY = "internvl/train/internvl_chat_finetune.py"
+
+
+def _launch_lines(plan, config_path: str) -> dict[str, str]:
+    try:
+        from zeroplan.launch import launch_lines
+    except ImportError:
+        return {}
+    return launch_lines(plan, ENTRY, config_path)
+
+
+def _render_config(profile, candidate, flavour: str, validator) -> tuple[dict, str]:
+    from zeroplan.dsconfig import render
+
+    config = render(profile, candidate.shape, candidate.plan, candidate.shape.micro_batch,
+                    candidate.gradient_accumulation, flavour=flavour)
+    _, note = validator.validate(config, candidate.plan.world_size)
+    return config, note
+
+
+def _payload(result, profile, chosen, config, out_path, launches) -> dict:
+    best = result.best
+    alternatives = []
+    for candidate in result.others:
+        entry = candidate.summary()
+        entry["rejected_because"] = candidate.rejected_because
+        alternatives.append(entry)
+    return {
+        "model": profile.name, "gpu": chosen.profile.name, "gpu_origin": chosen.origin,
+        "world_size": best.plan.world_size, "gpus_per_node": best.plan.gpus_per_node, "nodes": best.plan.nodes,
+        "global_batch": result.global_batch, "seq_len": best.shape.seq_len, "tiles": best.shape.tiles,
+        "budget_bytes": result.budget_bytes,
+        "recommended": {**best.summary(), "per_gpu_bytes": best.memory.per_gpu_bytes(),
+                        "step_time": best.time.as_dict()},
+        "alternatives": alternatives, "deepspeed_config": config, "config_path": str(out_path),
+        "launch": launches,
+    }
+
+
+def _print(payload: dict, result) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    best = payload["recommended"]
+    console.print(f"[dim]{payload['gpu_origin']}[/dim]")
+    console.print(
+        f"[bold]{payload['model']} on {payload['world_size']} × {payload['gpu']}[/bold] "
+        f"({payload['nodes']} node(s) × {payload['gpus_per_node']}), global batch {payload['global_batch']}, "
+        f"{payload['seq_len']} tokens, {payload['tiles']} tiles per sample")
+    console.print(
+        f"[bold green]Recommended: ZeRO-{best['stage']}[/bold green], micro-batch {best['micro_batch']} × "
+        f"accumulation {best['gradient_accumulation']}, checkpointing {'on' if best['grad_ckpt'] else 'off'}, "
+        f"offload optimizer {best['offload_optimizer']} / params {best['offload_params']}")
+    console.print(f"  predicted peak {o.gib(best['predicted_peak_bytes'])} GiB of {o.gib(payload['budget_bytes'])} "
+                  f"usable; step {best['predicted_step_s']:.2f} s; {best['predicted_tokens_per_s']:,.0f} tokens/s "
+                  f"({best['predicted_mfu']:.0%} MFU)")
+    table = Table(title="per-GPU memory of the recommended plan")
+    table.add_column("term")
+    table.add_column("GiB", justify="right")
+    for key, value in best["per_gpu_bytes"].items():
+        table.add_row(key, o.gib(value))
+    console.print(table)
+    runners = Table(title="runners-up (best 12)")
+    for column in ("stage", "micro", "accum", "ckpt", "offload", "peak GiB", "tokens/s", "why not"):
+        runners.add_column(column)
+    for alt in payload["alternatives"][:12]:
+        runners.add_row(str(alt["stage"]), str(alt["micro_batch"]), str(alt["gradient_accumulation"]),
+                        "on" if alt["grad_ckpt"] else "off", f"{alt['offload_optimizer']}/{alt['offload_params']}",
+                        o.gib(alt["predicted_peak_bytes"]), f"{alt['predicted_tokens_per_s']:,.0f}",
+                        alt["rejected_because"])
+    console.print(runners)
+    console.print(f"DeepSpeed config written to [bold]{payload['config_path']}[/bold] ({payload['validation']})")
+    for launcher, line in payload["launch"].items():
+        console.print(f"[dim]{launcher}:[/dim] {line}", soft_wrap=True)
+
+
+def command(
+    model: o.Model,
+    gpus: o.Gpus = None,
+    nodes: o.Nodes = None,
+    gpus_per_node: o.GpusPerNode = None,
+    gpu: o.Gpu = None,
+    global_batch: Annotated[int, typer.Option("--global-batch", help="Samples per optimizer step (InternVL: 128).")] = 128,
+    seq_len: o.SeqLen = 4096,
+    tiles: o.Tiles = 7,
+    freeze: o.Freeze = None,
+    lora_rank: o.LoraRank = 0,
+    headroom: Annotated[float, typer.Option("--headroom", help="Fraction of GPU memory kept free.")] = 0.05,
+    no_offload: Annotated[bool, typer.Option("--no-offload", help="Never offload to the CPU.")] = False,
+    flavour: Annotated[str, typer.Option("--flavour", help="concrete or hf (HF Trainer 'auto' fields).")] = "concrete",
+    out: Annotated[Path, typer.Option("--out", help="Where to write the DeepSpeed config.")] = Path("ds_config.json"),
+    json_out: o.Json = False,
+):
+    """Recommend the fastest ZeRO plan that fits, explain the runners-up, write its DeepSpeed config."""
+    from zeroplan.adapters.validator_process import BackgroundValidator
+    from zeroplan.atomic import write_atomic
+    from zeroplan.dsconfig import to_json
+    from zeroplan.errors import DoesNotFit, InvalidInput
+    from zeroplan.gpus import choose_gpu
+    from zeroplan.planner import recommend
+    from zeroplan.profiles import load_model
+
+    profile = load_model(model)
+    shape = o.build_shape(1, seq_len, tiles, True, freeze, lora_rank, profile)
+    base = o.build_plan(0, gpus, nodes, gpus_per_node)
+    o.check_fraction("--headroom", headroom)
+    if flavour not in ("concrete", "hf"):
+        raise InvalidInput(f"--flavour must be concrete or hf, got {flavour!r}")
+    validator = BackgroundValidator()
+    try:
+        chosen = choose_gpu(gpu)
+        try:
+            result = recommend(profile, shape, base, chosen.profile, global_batch, headroom,
+                               allow_offload=not no_offload)
+        except DoesNotFit as error:
+            typer.echo(f"zeroplan: {error}", err=True)
+            for suggestion in error.suggestions:
+                typer.echo(f"  would fit with: {suggestion}", err=True)
+            return 3
+        config, note = _render_config(profile, result.best, flavour, validator)
+    finally:
+        validator.close()
+    write_atomic(out, to_json(config))
+    payload = _payload(result, profile, chosen, config, out, _launch_lines(result.best.plan, str(out)))
+    payload["validation"] = note or "validated by DeepSpeed's config classes"
+    if json_out:
+        o.print_json(payload)
+    else:
+        _print(payload, result)
+    return 0

@@ -1,0 +1,179 @@
+"""Per-GPU memory of one training step: model states, activations, buffers and overhead, and the
+peak over the phases of a step (not the sum: the loss's logits, the recomputed layer and the full
+gradients are not all alive at once).
+
+Model-state bytes come from zeroplan.partition (exact ZeRO partitions, checked against real
+DeepSpeed engines), activations from zeroplan.activations; this module adds DeepSpeed's
+communication buffers, the allocator's and CUDA's overhead, and takes the peak.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from functools import lru_cache
+
+from zeroplan.activations import ActivationBytes, activation_bytes
+from zeroplan.params import count_parameters
+from zeroplan.partition import ModelStateBytes, model_state_bytes
+from zeroplan.plan import Plan, TrainShape
+from zeroplan.profiles import GPUProfile, ModelProfile
+
+BF16 = 2
+FP32 = 4
+# PyTorch's caching allocator rounds every block above 1 MiB up to a 2 MiB multiple and keeps
+# freed blocks cached; with no calibration this is the share of the peak it reserves on top.
+DEFAULT_RESERVED_SLACK = 0.03
+
+
+@dataclass(frozen=True)
+class MemoryBreakdown:
+    """Per-GPU bytes of one step on the most loaded rank, and host bytes per node for offload."""
+
+    params: int
+    grads: int
+    master_weights: int
+    optimizer_states: int
+    activations_vision: int
+    activations_llm: int
+    logits_and_loss: int
+    buffers: int
+    step_transient: int
+    overhead: int
+    peak_allocated: int
+    peak_reserved: int
+    peak: int
+    peak_phase: str
+    cpu_bytes_per_node: int
+    capacity: int
+
+    @property
+    def peak_bytes(self) -> int:
+        """What must fit on the GPU: the reserved peak plus the CUDA context (NVML's 'used')."""
+        return self.peak
+
+    @property
+    def optimizer_total(self) -> int:
+        """fp32 master weights and Adam moments together (the ZeRO paper's 12 bytes/param)."""
+        return self.master_weights + self.optimizer_states
+
+    @property
+    def activations(self) -> int:
+        """Saved activations of vision and LLM (the logits' transient not included)."""
+        return self.activations_vision + self.activations_llm
+
+    def headroom(self) -> int:
+        """Bytes left on the GPU at the peak (negative when it does not fit)."""
+        return self.capacity - self.peak
+
+    def as_dict(self) -> dict[str, int | str]:
+        """The breakdown as a flat dict, with the keys `zeroplan estimate --json` documents."""
+        out = asdict(self)
+        out.update(optimizer_total=self.optimizer_total, activations=self.activations)
+        return out
+
+    def per_gpu_bytes(self) -> dict[str, int]:
+        """The documented summary: params, grads, optimizer_states (master + moments), activations
+        (saved + the loss's transient), buffers, overhead, peak."""
+        return {
+            "params": self.params, "grads": self.grads, "optimizer_states": self.optimizer_total,
+            "activations": self.activations + self.logits_and_loss, "buffers": self.buffers,
+            "overhead": self.overhead, "peak": self.peak,
+        }
+
+
+def communication_buffer_bytes(profile: ModelProfile, plan: Plan, trainable_elems: int) -> int:
+    """DeepSpeed's gradient buckets and, under ZeRO-3, the gathered parameters.
+
+    ZeRO-1/2 with contiguous_gradients allocate reduce_bucket_size elements in the gradient dtype at
+    the start of every backward (DeepSpeedZeroOptimizer.setup_buckets), twice with overlap_comm.
+    ZeRO-3 allocates one reduce bucket (DeepSpeedZeroOptimizer_Stage3.__init__) and holds gathered
+    16-bit parameters of the module in use plus those prefetched (up to prefetch_bucket_size and at
+    most max_live_parameters). Stage 0 flattens each all-reduce bucket of gradients into a copy."""
+    largest = count_parameters(profile).largest_layer
+    if plan.stage == 0:
+        return BF16 * min(plan.reduce_bucket_elems, trainable_elems) if plan.world_size > 1 else 0
+    if plan.stage in (1, 2):
+        if not plan.contiguous_gradients:
+            return 0
+        copies = 2 if plan.overlap_comm else 1
+        return copies * BF16 * plan.reduce_bucket_elems
+    gathered = largest + min(plan.prefetch_bucket_elems, plan.max_live_params)
+    return BF16 * plan.reduce_bucket_elems * (1 if plan.contiguous_gradients else 0) + BF16 * gathered
+
+
+def step_transient_bytes(states: ModelStateBytes, plan: Plan) -> int:
+    """Temporaries of the optimizer step: ZeRO-1/2 cast the rank's gradient partition to fp32
+    before Adam (single_grad_partition), ZeRO-3 does the same per sub-group. With the optimizer
+    offloaded the cast happens on the host."""
+    if plan.offload_optimizer != "none" or plan.stage == 0:
+        return 0
+    if plan.stage == 3:
+        return FP32 * min(plan.sub_group_elems, states.partition_elems)
+    return FP32 * states.partition_elems
+
+
+def _full_grad_of_lm_head(profile: ModelProfile, shape: TrainShape, plan: Plan) -> int:
+    """Under ZeRO-0/1 the LM head's bf16 gradient is the first one backward produces and stays."""
+    if plan.stage > 1 or not shape.trains("llm") or profile.llm.tie_word_embeddings:
+        return 0
+    return BF16 * profile.llm.vocab_size * profile.llm.hidden_size
+
+
+def _phases(static: int, acts: ActivationBytes, grads_transient: int, buffers: int, step: int,
+            lm_head_grad: int) -> dict[str, int]:
+    """Allocated bytes at the moments that can hold the peak.
+
+    forward-loss: every saved activation plus the loss's logits in bf16 and fp32.
+    backward-start: saved activations, the loss's fp32 gradients, the gradient buckets.
+    backward-recompute: the first checkpointed layer recomputed on top of what is saved.
+    optimizer-step: activations freed; full gradients (ZeRO-0/1), buckets and the fp32 cast."""
+    return {
+        "forward-loss": static + acts.saved + acts.logits_forward_transient,
+        "backward-start": static + acts.saved + acts.logits_backward_transient + buffers + lm_head_grad,
+        "backward-recompute": static + acts.saved + acts.recompute_transient + buffers + lm_head_grad,
+        "vision-forward": static + acts.vision_forward_transient,
+        "optimizer-step": static + grads_transient + buffers + step,
+    }
+
+
+def estimate(profile: ModelProfile, shape: TrainShape, plan: Plan, gpu: GPUProfile) -> MemoryBreakdown:
+    """Per-GPU memory of training `profile` on `shape` under `plan`, on the most loaded rank.
+
+    Rank 0 holds the most under ZeRO-1/2 when padding falls on the last rank, and the same as the
+    others otherwise; the estimate takes the maximum over ranks of the model states."""
+    states = _most_loaded_rank_states(profile, replace(shape, micro_batch=1, grad_ckpt=False), plan)
+    acts = activation_bytes(profile, shape)
+    buffers = communication_buffer_bytes(profile, plan, states.partition_elems * plan.world_size)
+    step = step_transient_bytes(states, plan)
+    # ZeRO-2/3 keep their gradient partition for the whole run; ZeRO-0/1 hold full gradients from
+    # backward until the step, while the activations are being freed.
+    persistent_grads = states.grads if plan.stage >= 2 else 0
+    static = states.params + states.master_weights + states.optimizer_states + persistent_grads
+    phases = _phases(static, acts, states.grads - persistent_grads, buffers, step,
+                     _full_grad_of_lm_head(profile, shape, plan))
+    phase = max(phases, key=phases.__getitem__)
+    peak_allocated = phases[phase]
+    slack = float(gpu.calibrated.get("reserved_slack", DEFAULT_RESERVED_SLACK))
+    peak_reserved = int(peak_allocated * (1 + slack))
+    context = int(gpu.calibrated.get("cuda_context_bytes", gpu.cuda_context_bytes))
+    return MemoryBreakdown(
+        params=states.params, grads=states.grads, master_weights=states.master_weights,
+        optimizer_states=states.optimizer_states, activations_vision=acts.vision,
+        activations_llm=acts.llm_saved, logits_and_loss=acts.logits_backward_transient,
+        buffers=buffers, step_transient=step, overhead=peak_reserved - peak_allocated + context,
+        peak_allocated=peak_allocated, peak_reserved=peak_reserved, peak=peak_reserved + context,
+        peak_phase=phase, cpu_bytes_per_node=states.cpu_bytes * plan.gpus_per_node,
+        capacity=gpu.memory_bytes,
+    )
+
+
+@lru_cache(maxsize=256)
+def _most_loaded_rank_states(profile: ModelProfile, shape: TrainShape, plan: Plan) -> ModelStateBytes:
+    """Model states do not depend on the micro-batch or checkpointing: cached across candidates."""
+    return max((model_state_bytes(profile, shape, plan, rank) for rank in _ranks(plan)),
+               key=lambda s: s.params + s.grads + s.master_weights + s.optimizer_states)
+
+
+def _ranks(plan: Plan) -> tuple[int, ...]:
+    """Ranks worth computing: padding lands on the last one, the first is the reference."""
+    return (0,) if plan.world_size == 1 else (0, plan.world_size - 1)

@@ -1,0 +1,153 @@
+"""Enumerate plans, keep those that fit, rank them by predicted step time.
+
+Candidates: ZeRO stage 0-3 × micro-batch (powers of two dividing the per-GPU batch) × gradient
+checkpointing × optimizer offload × (stage 3) parameter offload. A plan fits when its predicted
+peak (reserved + CUDA context) leaves `headroom` of the GPU free. Among fitting plans the fastest
+wins; plans within 1 % of the fastest count as a tie, broken by the simpler plan: no offload before
+offload, then ZeRO-1, 2, 0, 3 (ZeRO-1 moves the same bytes as ZeRO-0 and holds less; every step up
+adds collectives whose cost the model knows least), then the lower peak."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from zeroplan.errors import DoesNotFit, InvalidInput
+from zeroplan.memory import MemoryBreakdown, estimate
+from zeroplan.plan import Plan, TrainShape
+from zeroplan.profiles import GPUProfile, ModelProfile
+from zeroplan.steptime import StepTime, step_time
+
+TIE_FRACTION = 0.01
+STAGE_PREFERENCE = {1: 0, 2: 1, 0: 2, 3: 3}
+MICRO_BATCHES = (1, 2, 4, 8, 16, 32, 64)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One plan with its micro-batch, accumulation, memory and speed, and why it lost if it did."""
+
+    plan: Plan
+    shape: TrainShape
+    gradient_accumulation: int
+    memory: MemoryBreakdown
+    time: StepTime
+    fits: bool
+    rejected_because: str = ""
+
+    def summary(self) -> dict:
+        """The fields `recommend --json` documents for a plan."""
+        return {
+            "stage": self.plan.stage, "micro_batch": self.shape.micro_batch,
+            "gradient_accumulation": self.gradient_accumulation, "grad_ckpt": self.shape.grad_ckpt,
+            "offload_optimizer": self.plan.offload_optimizer, "offload_params": self.plan.offload_params,
+            "predicted_peak_bytes": self.memory.peak, "predicted_tokens_per_s": round(self.time.tokens_per_s, 1),
+            "predicted_step_s": round(self.time.step_s, 4), "predicted_mfu": round(self.time.mfu, 4),
+            "fits": self.fits,
+        }
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    """The chosen candidate, every other one (ranked), and the budget they were held to."""
+
+    best: Candidate
+    others: tuple[Candidate, ...]
+    budget_bytes: int
+    global_batch: int
+
+
+def per_gpu_batch(global_batch: int, world_size: int) -> int:
+    """Samples each GPU processes per optimizer step; the global batch must split evenly."""
+    if global_batch < 1:
+        raise InvalidInput(f"--global-batch must be at least 1, got {global_batch}")
+    if global_batch % world_size:
+        raise InvalidInput(f"--global-batch {global_batch} does not split evenly over {world_size} GPUs "
+                           f"(use a multiple of {world_size})")
+    return global_batch // world_size
+
+
+def candidate_plans(base: Plan, shape: TrainShape, per_gpu: int, stages=(0, 1, 2, 3),
+                    allow_offload: bool = True):
+    """Yield (plan, shape, accumulation) for every combination worth predicting."""
+    for stage in stages:
+        offloads = [("none", "none")]
+        if allow_offload and stage >= 1:
+            offloads.append(("cpu", "none"))
+        if allow_offload and stage == 3:
+            offloads.append(("cpu", "cpu"))
+        for offload_optimizer, offload_params in offloads:
+            plan = base.with_(stage=stage, offload_optimizer=offload_optimizer, offload_params=offload_params)
+            for micro in MICRO_BATCHES:
+                if micro > per_gpu or per_gpu % micro:
+                    continue
+                for ckpt in (False, True):
+                    yield plan, _reshape(shape, micro, ckpt), per_gpu // micro
+
+
+def _reshape(shape: TrainShape, micro_batch: int, grad_ckpt: bool) -> TrainShape:
+    from dataclasses import replace
+
+    return replace(shape, micro_batch=micro_batch, grad_ckpt=grad_ckpt)
+
+
+def evaluate(profile: ModelProfile, shape: TrainShape, plan: Plan, gpu: GPUProfile, accumulation: int,
+             budget_bytes: int) -> Candidate:
+    """Predict one candidate's memory and speed and whether it fits the budget."""
+    memory = estimate(profile, shape, plan, gpu)
+    time = step_time(profile, shape, plan, gpu, accumulation)
+    fits = memory.peak <= budget_bytes
+    reason = "" if fits else (f"does not fit: peak {memory.peak / 2**30:.1f} GiB > "
+                              f"{budget_bytes / 2**30:.1f} GiB usable")
+    return Candidate(plan, shape, accumulation, memory, time, fits, reason)
+
+
+def recommend(profile: ModelProfile, shape: TrainShape, base: Plan, gpu: GPUProfile, global_batch: int,
+              headroom: float = 0.05, stages=(0, 1, 2, 3), allow_offload: bool = True) -> Recommendation:
+    """The fastest plan that fits, with every alternative and why it lost.
+
+    Raises DoesNotFit, with suggestions, when no candidate fits."""
+    if not 0 <= headroom < 0.9:
+        raise InvalidInput(f"--headroom must be a fraction between 0 and 0.9, got {headroom}")
+    per_gpu = per_gpu_batch(global_batch, base.world_size)
+    budget = int(gpu.memory_bytes * (1 - headroom))
+    candidates = [evaluate(profile, s, p, gpu, acc, budget)
+                  for p, s, acc in candidate_plans(base, shape, per_gpu, stages, allow_offload)]
+    fitting = sorted((c for c in candidates if c.fits), key=lambda c: c.time.step_s)
+    if not fitting:
+        raise DoesNotFit(_nothing_fits_message(candidates, budget), _suggestions(profile, shape, base))
+    fastest = fitting[0].time.step_s
+    tied = [c for c in fitting if c.time.step_s <= fastest * (1 + TIE_FRACTION)]
+    best = min(tied, key=_simplicity)
+    others = []
+    for candidate in sorted(candidates, key=lambda c: (not c.fits, c.time.step_s)):
+        if candidate is best:
+            continue
+        if candidate.fits:
+            slower = candidate.time.step_s / best.time.step_s - 1
+            why = (f"slower by {slower:.0%}" if slower >= TIE_FRACTION else
+                   "as fast (within 1 %), but a more complex plan (higher stage or offload) or a higher peak")
+            candidate = Candidate(**{**candidate.__dict__, "rejected_because": why})
+        others.append(candidate)
+    return Recommendation(best=best, others=tuple(others), budget_bytes=budget, global_batch=global_batch)
+
+
+def _simplicity(candidate: Candidate) -> tuple:
+    offloads = (candidate.plan.offload_optimizer != "none") + (candidate.plan.offload_params != "none")
+    return offloads, STAGE_PREFERENCE[candidate.plan.stage], candidate.memory.peak
+
+
+def _nothing_fits_message(candidates: list[Candidate], budget: int) -> str:
+    smallest = min(candidates, key=lambda c: c.memory.peak)
+    return (f"no plan fits: the smallest peak is {smallest.memory.peak / 2**30:.1f} GiB "
+            f"(stage {smallest.plan.stage}, micro-batch {smallest.shape.micro_batch}, offload "
+            f"{smallest.plan.offload_optimizer}/{smallest.plan.offload_params}) against "
+            f"{budget / 2**30:.1f} GiB usable")
+
+
+def _suggestions(profile: ModelProfile, shape: TrainShape, base: Plan) -> tuple[str, ...]:
+    return (
+        f"more GPUs (try --gpus {base.world_size * 2})",
+        "parameter and optimizer offload to CPU under ZeRO-3 (allowed unless --no-offload)",
+        f"a shorter sequence (--seq-len {max(shape.seq_len // 2, 1)})",
+        "fewer tiles per sample (--tiles)" if shape.tiles > 1 else "freeze the vision tower (--freeze vision)",
+    )
