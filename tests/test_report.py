@@ -1,0 +1,114 @@
+"""A report rendered from a small results file has the tables, the right numbers and valid PNGs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from zeroplan import report
+from zeroplan.cli.main import main
+
+GIB = 1 << 30
+SHAPE = {"micro_batch": 1, "seq_len": 4096, "tiles": 7, "grad_ckpt": True, "world_size": 1}
+
+
+def record(model, stage, status, measured_gib=None, predicted_gib=None, estimator_gib=None, **extra):
+    data = {"point_id": f"{model}-{stage}", "model": model, "stage": stage, "status": status, **SHAPE,
+            "device": "NVIDIA H100 80GB HBM3", "date": f"2025-11-2{stage}T10:00:00+00:00",
+            "bench_command": "zeroplan bench --sweep benchmarks/h100_stages.toml --results r.jsonl",
+            "versions": {"torch": "2.13.0", "deepspeed": "0.19.8"}}
+    if measured_gib is not None:
+        data.update(measured_peak_allocated_bytes=int(measured_gib * GIB),
+                    measured_peak_reserved_bytes=int((measured_gib + 2) * GIB),
+                    tokens_per_s=12345.6, mfu=0.41, step_time_s=0.6625)
+    if predicted_gib is not None:
+        data["predicted_peak_bytes"] = int(predicted_gib * GIB)
+        data["predicted"] = {"params": int(predicted_gib * GIB * 0.25), "grads": int(predicted_gib * GIB * 0.25),
+                             "optimizer_states": int(predicted_gib * GIB * 0.3), "activations": int(predicted_gib * GIB * 0.2)}
+    if estimator_gib is not None:
+        data["deepspeed_estimator_bytes"] = int(estimator_gib * GIB)
+    return {**data, **extra}
+
+
+FIXTURE = [
+    record("InternVL2_5-1B", 0, "oom", predicted_gib=90, reason="CUDA out of memory | tried 2 GiB"),
+    record("InternVL2_5-1B", 1, "ok", 40, 42, 50),
+    record("InternVL2_5-1B", 2, "ok", 30, 27, 33),
+    record("InternVL2_5-1B", 3, "ok", 20, 20.4, 18),
+    record("InternVL2_5-2B", 2, "ok", 50, 52),
+]
+
+
+@pytest.fixture
+def results(tmp_path):
+    path = tmp_path / "results.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in FIXTURE) + '{"point_id": "torn')
+    return path
+
+
+def test_readme_has_the_tables_and_the_numbers(results, tmp_path):
+    out = tmp_path / "report"
+    assert main(["report", str(results), "--out", str(out)]) == 0
+    text = (out / "README.md").read_text()
+    assert "NVIDIA H100 80GB HBM3" in text and "2025-11-20T10:00:00+00:00 to 2025-11-23T10:00:00+00:00" in text
+    assert "`zeroplan bench --sweep benchmarks/h100_stages.toml --results r.jsonl`" in text
+    assert "deepspeed 0.19.8, torch 2.13.0" in text
+    assert "### InternVL2_5-1B: micro-batch 1, 4096 tokens, 7 tiles, checkpointing on, 1 GPU" in text
+    assert "| | ZeRO-0 | ZeRO-1 | ZeRO-2 | ZeRO-3 |" in text
+    assert "| status | **oom** | ok | ok | ok |" in text
+    assert "| peak allocated (GiB) | — | 40.00 | 30.00 | 20.00 |" in text
+    assert "| peak reserved (GiB) | — | 42.00 | 32.00 | 22.00 |" in text
+    assert "| tokens/s | — | 12,346 | 12,346 | 12,346 |" in text
+    assert "| MFU | — | 41.0% | 41.0% | 41.0% |" in text
+    assert "| step time (s) | — | 0.662 | 0.662 | 0.662 |" in text
+    assert "| InternVL2_5-1B | mb1 ckpt | 0 | oom | 90.00 | — | — | — | — |" in text
+    assert "| InternVL2_5-1B | mb1 ckpt | 2 | ok | 27.00 | 30.00 | -10.0% | 33.00 | +10.0% |" in text
+    assert "| InternVL2_5-2B | mb1 ckpt | 2 | ok | 52.00 | 50.00 | +4.0% | — | — |" in text
+    assert ("**zeroplan**: median absolute error 4.5%, worst 10.0%, 1 under-estimate(s) of 4 measured points."
+            in text)
+    assert ("**DeepSpeed estimator**: median absolute error 10.0%, worst 25.0%, 1 under-estimate(s) of 3 measured "
+            "points." in text)
+    assert "**oom**, CUDA out of memory \\| tried 2 GiB" in text
+    assert "![memory_internvl2_5-1b.png](memory_internvl2_5-1b.png)" in text
+
+
+def test_plots_are_valid_pngs_per_model_and_nothing_temporary_is_left(results, tmp_path):
+    image = pytest.importorskip("PIL.Image")
+    out = tmp_path / "report"
+    files = report.write_report(results, out, "zeroplan report")
+    names = sorted(path.name for path in files.plots)
+    assert names == ["memory_internvl2_5-1b.png", "memory_internvl2_5-2b.png",
+                     "throughput_internvl2_5-1b.png", "throughput_internvl2_5-2b.png"]
+    for path in files.plots:
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        with image.open(path) as png:
+            png.verify()
+            assert png.size[0] >= 600 and png.size[1] >= 400
+    report.write_report(results, out, "zeroplan report")
+    assert sorted(p.name for p in out.iterdir()) == sorted(names + ["README.md"])
+
+
+def test_a_record_without_a_spec_field_falls_back_to_the_embedded_spec():
+    point = report.to_point({"point_id": "x", "status": "ok", "spec": {"model": "m", "stage": 2, "micro_batch": 4,
+                             "seq_len": 64, "tiles": 2, "grad_ckpt": False, "frozen": ["vision"], "lora_rank": 0,
+                             "world_size": 2, "offload_optimizer": "cpu", "offload_params": "none"}})
+    assert (point.model, point.stage) == ("m", 2)
+    assert report.shape_label(point.shape) == ("micro-batch 4, 64 tokens, 2 tiles, checkpointing off, 2 GPUs, "
+                                               "optimizer offload to cpu, frozen vision")
+
+
+@pytest.mark.parametrize("content,message", [
+    ("", "no usable result lines"),
+    ('{"point_id": "a", "model": "m"}\n{"torn', "no usable result lines (1 unreadable)"),
+    (None, "does not exist"),
+])
+def test_bad_or_empty_results_are_one_line_exit_2(tmp_path, capsys, content, message):
+    path = tmp_path / "results.jsonl"
+    if content is not None:
+        path.write_text(content)
+    assert main(["report", str(path), "--out", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err
+    assert message in error and error.count("\n") == 1
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,395 @@
+"""Benchmark reports: a results JSONL rendered as a GitHub-readable README.md and PNG plots.
+
+The README has a header (devices, dates, the command that produced the results), one table per
+model and shape with the ZeRO stages side by side, a predicted-vs-measured table (zeroplan's
+prediction and DeepSpeed's estimator against the measured peak allocated bytes), a summary of the
+errors, and the failed points with their reasons. Plots: `memory_<model>.png` (zeroplan's predicted
+breakdown stacked per stage beside the measured peak) and `throughput_<model>.png` (tokens/s per
+stage). Every file is written atomically. matplotlib is imported only when plotting.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from zeroplan import jsonl
+from zeroplan.errors import InvalidInput
+
+GIB = 1 << 30
+BREAKDOWN_TERMS = ("params", "grads", "optimizer_states", "activations", "buffers", "overhead")
+SHAPE_FIELDS = ("micro_batch", "seq_len", "tiles", "grad_ckpt", "offload_optimizer", "offload_params", "frozen",
+                "lora_rank", "world_size")
+SHAPE_DEFAULTS = {"offload_optimizer": "none", "offload_params": "none", "frozen": (), "lora_rank": 0, "world_size": 1}
+NO_VALUE = "—"
+
+
+@dataclass(frozen=True)
+class Point:
+    """One result record, with the fields a report groups and compares by."""
+
+    model: str
+    stage: int
+    shape: tuple
+    status: str
+    record: dict[str, Any]
+
+    def number(self, key: str) -> float | None:
+        """A numeric field of the record, None when absent or not a number."""
+        value = self.record.get(key)
+        return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+@dataclass(frozen=True)
+class ErrorSummary:
+    """How far one predictor is from the measured peaks: signed errors in percent, per point."""
+
+    name: str
+    errors_pct: tuple[float, ...]
+
+    @property
+    def under_estimates(self) -> int:
+        """Points where the prediction was below the measured peak (the dangerous direction)."""
+        return sum(1 for error in self.errors_pct if error < 0)
+
+    def line(self) -> str:
+        """One markdown summary line."""
+        if not self.errors_pct:
+            return f"- **{self.name}**: no point with both a prediction and a measured peak."
+        absolute = [abs(error) for error in self.errors_pct]
+        return (f"- **{self.name}**: median absolute error {statistics.median(absolute):.1f}%, worst "
+                f"{max(absolute):.1f}%, {self.under_estimates} under-estimate(s) of {len(absolute)} measured points.")
+
+
+def _field(record: dict[str, Any], key: str) -> Any:
+    """A record's top-level field, else the same field of its embedded spec."""
+    if key in record:
+        return record[key]
+    spec = record.get("spec")
+    return spec.get(key) if isinstance(spec, dict) else None
+
+
+def to_point(record: dict[str, Any]) -> Point | None:
+    """The Point of a record, or None when it lacks a model, stage or status."""
+    model, stage, status = _field(record, "model"), _field(record, "stage"), record.get("status")
+    if not isinstance(model, str) or not isinstance(stage, int) or not isinstance(status, str):
+        return None
+    shape = []
+    for name in SHAPE_FIELDS:
+        value = _field(record, name)
+        value = SHAPE_DEFAULTS.get(name) if value is None else value
+        shape.append(tuple(value) if isinstance(value, list) else value)
+    return Point(model, stage, tuple(shape), status, record)
+
+
+def load_points(results_path: str | Path) -> list[Point]:
+    """Every usable point of a results JSONL file; InvalidInput when there is none."""
+    results_path = Path(results_path)
+    if not results_path.is_file():
+        raise InvalidInput(f"results file {results_path} does not exist")
+    read = jsonl.read(results_path)
+    points = [point for point in map(to_point, read.records) if point is not None]
+    if not points:
+        raise InvalidInput(f"{results_path} holds no usable result lines ({read.skipped_lines} unreadable)")
+    return points
+
+
+def shape_label(shape: tuple) -> str:
+    """A shape in words: `micro-batch 1, 4096 tokens, 7 tiles, checkpointing on, 1 GPU`."""
+    values = dict(zip(SHAPE_FIELDS, shape))
+    parts = [f"micro-batch {values['micro_batch']}", f"{values['seq_len']} tokens", f"{values['tiles']} tiles",
+             f"checkpointing {'on' if values['grad_ckpt'] else 'off'}",
+             f"{values['world_size']} GPU" + ("s" if values["world_size"] != 1 else "")]
+    if values["offload_optimizer"] != "none":
+        parts.append(f"optimizer offload to {values['offload_optimizer']}")
+    if values["offload_params"] != "none":
+        parts.append(f"parameter offload to {values['offload_params']}")
+    if values["frozen"]:
+        parts.append("frozen " + "+".join(values["frozen"]))
+    if values["lora_rank"]:
+        parts.append(f"LoRA rank {values['lora_rank']}")
+    return ", ".join(parts)
+
+
+def short_shape(shape: tuple) -> str:
+    """A shape in a few characters for plot labels: `mb1 ckpt`."""
+    values = dict(zip(SHAPE_FIELDS, shape))
+    text = f"mb{values['micro_batch']} {'ckpt' if values['grad_ckpt'] else 'no-ckpt'}"
+    if values["offload_optimizer"] != "none":
+        text += " off"
+    if values["lora_rank"]:
+        text += f" lora{values['lora_rank']}"
+    return text
+
+
+def _gib(value: float | None) -> str:
+    return NO_VALUE if value is None else f"{value / GIB:.2f}"
+
+
+def _error_pct(predicted: float | None, measured: float | None) -> float | None:
+    """Signed error of a prediction in percent of the measured value (negative: under-estimate)."""
+    if predicted is None or not measured:
+        return None
+    return (predicted - measured) / measured * 100
+
+
+def _pct(value: float | None) -> str:
+    return NO_VALUE if value is None else f"{value:+.1f}%"
+
+
+def _cell(text: Any) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _models(points: list[Point]) -> list[str]:
+    return list(dict.fromkeys(point.model for point in points))
+
+
+def _groups(points: list[Point]) -> dict[tuple[str, tuple], dict[int, Point]]:
+    """Points by (model, shape), then by stage: models in the order first measured, shapes sorted."""
+    models = _models(points)
+    groups: dict[tuple[str, tuple], dict[int, Point]] = {}
+    for point in sorted(points, key=lambda p: (models.index(p.model), p.shape, p.stage)):
+        groups.setdefault((point.model, point.shape), {})[point.stage] = point
+    return groups
+
+
+def _measured(point: Point, key: str) -> float | None:
+    return point.number(key) if point.status == "ok" else None
+
+
+def stages_table(by_stage: dict[int, Point]) -> list[str]:
+    """Markdown rows: one column per ZeRO stage, one row per measure."""
+    stages = sorted(by_stage)
+    rows = [
+        ("status", lambda p: f"**{p.status}**" if p.status != "ok" else "ok"),
+        ("peak allocated (GiB)", lambda p: _gib(_measured(p, "measured_peak_allocated_bytes"))),
+        ("peak reserved (GiB)", lambda p: _gib(_measured(p, "measured_peak_reserved_bytes"))),
+        ("tokens/s", lambda p: NO_VALUE if _measured(p, "tokens_per_s") is None else f"{p.number('tokens_per_s'):,.0f}"),
+        ("MFU", lambda p: NO_VALUE if _measured(p, "mfu") is None else f"{p.number('mfu') * 100:.1f}%"),
+        ("step time (s)", lambda p: NO_VALUE if _measured(p, "step_time_s") is None else f"{p.number('step_time_s'):.3f}"),
+    ]
+    lines = ["| | " + " | ".join(f"ZeRO-{stage}" for stage in stages) + " |",
+             "|---|" + "---:|" * len(stages)]
+    for label, render in rows:
+        lines.append(f"| {label} | " + " | ".join(_cell(render(by_stage[stage])) for stage in stages) + " |")
+    return lines
+
+
+def prediction_rows(points: list[Point]) -> tuple[list[str], ErrorSummary, ErrorSummary]:
+    """The predicted-vs-measured table and the error summaries of zeroplan and DeepSpeed."""
+    lines = ["| model | shape | stage | status | zeroplan predicted (GiB) | measured peak (GiB) | zeroplan error "
+             "| DeepSpeed estimator (GiB) | DeepSpeed error |", "|---|---|---:|---|---:|---:|---:|---:|---:|"]
+    ours: list[float] = []
+    theirs: list[float] = []
+    for point in sorted(points, key=lambda p: (_models(points).index(p.model), p.shape, p.stage)):
+        predicted, estimator = point.number("predicted_peak_bytes"), point.number("deepspeed_estimator_bytes")
+        measured = _measured(point, "measured_peak_allocated_bytes")
+        error, estimator_error = _error_pct(predicted, measured), _error_pct(estimator, measured)
+        ours += [error] if error is not None else []
+        theirs += [estimator_error] if estimator_error is not None else []
+        lines.append(f"| {_cell(point.model)} | {_cell(short_shape(point.shape))} | {point.stage} | {point.status} | "
+                     f"{_gib(predicted)} | {_gib(measured)} | {_pct(error)} | {_gib(estimator)} | {_pct(estimator_error)} |")
+    return lines, ErrorSummary("zeroplan", tuple(ours)), ErrorSummary("DeepSpeed estimator", tuple(theirs))
+
+
+def _distinct(points: list[Point], key: str) -> list[str]:
+    values = [point.record.get(key) for point in points]
+    return list(dict.fromkeys(str(value) for value in values if value not in (None, "")))
+
+
+def header(points: list[Point], source: str, report_command: str) -> list[str]:
+    """Title, devices, dates, versions and the commands behind the report."""
+    dates = sorted(_distinct(points, "date"))
+    sweeps = _distinct(points, "sweep")
+    lines = [f"# Benchmark report{': ' + ', '.join(sweeps) if sweeps else ''}", "",
+             f"- **device(s)**: {', '.join(_distinct(points, 'device')) or 'unknown'}",
+             f"- **dates**: {dates[0] + ' to ' + dates[-1] if len(dates) > 1 else (dates[0] if dates else 'unknown')}",
+             f"- **points**: {len(points)} ({_status_counts(points)}), from `{source}`"]
+    versions = _versions(points)
+    if versions:
+        lines.append(f"- **versions**: {versions}")
+    for command in _distinct(points, "bench_command"):
+        lines.append(f"- **produced by**: `{command}`")
+    lines.append(f"- **rendered by**: `{report_command}`")
+    return lines
+
+
+def _status_counts(points: list[Point]) -> str:
+    counts: dict[str, int] = {}
+    for point in points:
+        counts[point.status] = counts.get(point.status, 0) + 1
+    return ", ".join(f"{count} {status}" for status, count in sorted(counts.items()))
+
+
+def _versions(points: list[Point]) -> str:
+    seen: dict[str, list[str]] = {}
+    for point in points:
+        versions = point.record.get("versions")
+        if isinstance(versions, dict):
+            for name, version in versions.items():
+                if str(version) not in seen.setdefault(str(name), []):
+                    seen[str(name)].append(str(version))
+    return ", ".join(f"{name} {' / '.join(values)}" for name, values in sorted(seen.items()))
+
+
+def render_markdown(points: list[Point], source: str, report_command: str, plot_names: list[str]) -> str:
+    """The whole README.md text."""
+    lines = header(points, source, report_command)
+    lines += ["", "## ZeRO stages side by side", ""]
+    for (model, shape), by_stage in _groups(points).items():
+        lines += [f"### {model}: {shape_label(shape)}", "", *stages_table(by_stage), ""]
+    table, ours, theirs = prediction_rows(points)
+    lines += ["## Predicted vs measured peak", "",
+              "Measured: the runner's peak allocated bytes (torch.cuda.max_memory_allocated). "
+              "Error = (predicted − measured) / measured; negative is an under-estimate.", "",
+              *table, "", "### Summary", "", ours.line(), theirs.line(), ""]
+    failures = [point for point in points if point.status != "ok"]
+    if failures:
+        lines += ["## Points that did not finish", ""]
+        for point in failures:
+            reason = point.record.get("reason") or "no reason recorded"
+            lines.append(f"- {point.model}, ZeRO-{point.stage}, {shape_label(point.shape)}: "
+                         f"**{point.status}**, {_cell(reason)}")
+        lines.append("")
+    if plot_names:
+        lines += ["## Plots", ""] + [f"![{name}]({name})" for name in plot_names] + [""]
+    return "\n".join(lines)
+
+
+def slug(name: str) -> str:
+    """A file-name-safe form of a model name: `InternVL2_5-1B` -> `internvl2_5-1b`."""
+    return re.sub(r"[^a-z0-9_.-]+", "-", name.lower()).strip("-.") or "model"
+
+
+def _figure(width: float, height: float):
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=100, layout="constrained")
+
+
+def _label_once(labelled: set[str], label: str) -> str | None:
+    """The legend label the first time it is drawn, None after, so each appears once."""
+    if label in labelled:
+        return None
+    labelled.add(label)
+    return label
+
+
+def _png(figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def plot_memory(model: str, points: list[Point]) -> bytes:
+    """PNG: per point (shape, stage), zeroplan's predicted breakdown stacked, and beside it the
+    measured peak allocated (absent, marked with the status, when the point did not finish)."""
+    points = sorted(points, key=lambda p: (p.shape, p.stage))
+    figure = _figure(max(6.0, 0.9 * len(points) + 2), 4.5)
+    axes = figure.add_subplot()
+    width = 0.38
+    labelled: set[str] = set()
+    colors = ("#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948")
+    for index, point in enumerate(points):
+        breakdown = point.record.get("predicted") if isinstance(point.record.get("predicted"), dict) else {}
+        bottom = 0.0
+        for term, color in zip(BREAKDOWN_TERMS, colors):
+            value = breakdown.get(term)
+            if isinstance(value, (int, float)) and value > 0:
+                axes.bar(index - width / 2, value / GIB, width, bottom=bottom, color=color,
+                         label=_label_once(labelled, term.replace("_", " ")))
+                bottom += value / GIB
+        measured = _measured(point, "measured_peak_allocated_bytes")
+        if measured is not None:
+            axes.bar(index + width / 2, measured / GIB, width, color="#555555", hatch="//", edgecolor="white",
+                     label=_label_once(labelled, "measured peak"))
+        else:
+            axes.text(index + width / 2, 0, point.status.upper(), rotation=90, ha="center", va="bottom", fontsize=8)
+    axes.set_xticks(range(len(points)), [f"ZeRO-{p.stage}\n{short_shape(p.shape)}" for p in points], fontsize=7)
+    axes.set_ylabel("GiB per GPU")
+    axes.set_title(f"{model}: predicted breakdown (left) vs measured peak allocated (right)")
+    if labelled:
+        axes.legend(fontsize=7, loc="upper right")
+    return _png(figure)
+
+
+def plot_throughput(model: str, points: list[Point]) -> bytes:
+    """PNG: tokens/s per ZeRO stage, one bar per shape; a point that did not finish shows its status."""
+    stages = sorted({point.stage for point in points})
+    shapes = list(dict.fromkeys(point.shape for point in sorted(points, key=lambda p: p.shape)))
+    figure = _figure(max(6.0, 1.2 * len(stages) * max(1, len(shapes)) / 2 + 2), 4.5)
+    axes = figure.add_subplot()
+    width = 0.8 / max(1, len(shapes))
+    by_key = {(point.shape, point.stage): point for point in points}
+    labelled: set[str] = set()
+    for shape_index, shape in enumerate(shapes):
+        offset = (shape_index - (len(shapes) - 1) / 2) * width
+        for stage_index, stage in enumerate(stages):
+            point = by_key.get((shape, stage))
+            if point is None:
+                continue
+            tokens = _measured(point, "tokens_per_s")
+            if tokens is not None:
+                axes.bar(stage_index + offset, tokens, width, color=f"C{shape_index % 10}",
+                         label=_label_once(labelled, short_shape(shape)))
+            else:
+                axes.text(stage_index + offset, 0, point.status.upper(), rotation=90, ha="center", va="bottom",
+                          fontsize=8)
+    axes.set_xticks(range(len(stages)), [f"ZeRO-{stage}" for stage in stages])
+    axes.set_ylabel("tokens/s")
+    axes.set_title(f"{model}: training throughput by ZeRO stage")
+    if labelled:
+        axes.legend(fontsize=7)
+    return _png(figure)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write a file so a reader sees the old one or the new one, never half of it."""
+    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(temp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class ReportFiles:
+    """What a report wrote, and the error summaries it printed."""
+
+    readme: Path
+    plots: tuple[Path, ...]
+    summaries: tuple[ErrorSummary, ...]
+
+
+def write_report(results_path: str | Path, out_dir: str | Path, report_command: str) -> ReportFiles:
+    """Render a results JSONL into out_dir: README.md and the memory/throughput PNGs per model."""
+    points = load_points(results_path)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InvalidInput(f"report folder {out_dir} is a file")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise InvalidInput(f"cannot create report folder {out_dir}: {error.strerror}") from None
+    plots: list[Path] = []
+    for model in _models(points):
+        of_model = [point for point in points if point.model == model]
+        for kind, plot in (("memory", plot_memory), ("throughput", plot_throughput)):
+            path = out_dir / f"{kind}_{slug(model)}.png"
+            write_atomic(path, plot(model, of_model))
+            plots.append(path)
+    markdown = render_markdown(points, str(results_path), report_command, [path.name for path in plots])
+    readme = out_dir / "README.md"
+    write_atomic(readme, markdown.encode("utf-8"))
+    _, ours, theirs = prediction_rows(points)
+    return ReportFiles(readme, tuple(plots), (ours, theirs))
