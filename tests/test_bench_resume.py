@@ -176,8 +176,10 @@ def test_classify_reads_oom_from_a_log_and_sigkill_as_host_oom():
         "oom", "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 1 GiB")
     status, reason = bench.classify(bench.PointOutcome(-9, False, 1.0, ""), None, 10)
     assert status == "oom" and "SIGKILL" in reason
-    status, reason = bench.classify(bench.PointOutcome(3, False, 1.0, "ValueError: bad\n"), None, 10)
-    assert (status, reason) == ("error", "no result; exited with code 3: ValueError: bad")
+    status, reason = bench.classify(bench.PointOutcome(1, False, 1.0, "ValueError: bad\n"), None, 10)
+    assert (status, reason) == ("error", "no result; exited with code 1: ValueError: bad")
+    status, reason = bench.classify(bench.PointOutcome(3, False, 1.0, "rank 1 failed\n"), None, 10)
+    assert status == "oom" and "rank 1 failed" in reason
     ok = bench.classify(bench.PointOutcome(0, False, 1.0, ""), {"status": "ok"}, 10)
     assert ok == ("ok", "")
 

@@ -112,3 +112,15 @@ def test_bad_or_empty_results_are_one_line_exit_2(tmp_path, capsys, content, mes
     error = capsys.readouterr().err
     assert message in error and error.count("\n") == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_the_runners_full_breakdown_and_allocated_prediction_are_used():
+    full = {"params": 10, "grads": 20, "master_weights": 30, "optimizer_states": 40, "activations_vision": 5,
+            "activations_llm": 6, "logits_and_loss": 7, "buffers": 8, "step_transient": 9, "overhead": 11,
+            "peak_allocated": 150, "peak": 200}
+    assert report.predicted_terms({"predicted_breakdown": full}) == {
+        "params": 10, "grads": 20, "optimizer_states": 70, "activations": 18, "buffers": 8, "overhead": 11}
+    point = report.to_point(record("m", 1, "ok", 1, predicted_peak_allocated_bytes=GIB // 2))
+    assert report.predicted_allocated(point) == GIB // 2
+    lines, ours, _ = report.prediction_rows([point])
+    assert ours.errors_pct == (-50.0,) and ours.under_estimates == 1

@@ -12,7 +12,6 @@ import itertools
 import json
 import os
 import signal
-import socket
 import subprocess
 import time
 import tomllib
@@ -24,12 +23,14 @@ from typing import Any, Callable
 from zeroplan import jsonl
 from zeroplan.errors import InvalidInput
 from zeroplan.profiles import load_model
+from zeroplan.runner.launch import free_port, launch_command
 from zeroplan.runner.spec import RunSpec
 
 STATUSES = ("ok", "oom", "timeout", "error")
 OFFLOADS = {"none": ("none", "none"), "optimizer": ("cpu", "none"), "optimizer+params": ("cpu", "cpu")}
 LAUNCHERS = ("torchrun", "deepspeed")
 OOM_MARKERS = ("out of memory", "outofmemoryerror", "signal 9 (sigkill)", "cannot allocate memory")
+RUNNER_OOM_EXIT_CODE = 3  # zeroplan.runner.train: 0 ok, 3 out of GPU memory, 1 any other error
 KILL_GRACE_S = 10.0
 LOG_TAIL_BYTES = 64 * 1024
 MAX_SWEEP_BYTES = 1 << 20
@@ -207,19 +208,11 @@ class PointOutcome:
 
 def default_command_for(launcher: str) -> CommandFor:
     """The runner's launch command for each point (zeroplan.runner.launch.launch_command)."""
-    from zeroplan.runner.launch import launch_command
 
     def command_for(spec: RunSpec, spec_path: Path, result_path: Path, master_port: int) -> list[str]:
         return launch_command(spec, str(spec_path), str(result_path), launcher=launcher, master_port=master_port)
 
     return command_for
-
-
-def free_port() -> int:
-    """A TCP port free right now, so each point's rendezvous does not trip on the last one's."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _die_with_parent() -> None:
@@ -289,6 +282,8 @@ def classify(outcome: PointOutcome, result: dict[str, Any] | None, timeout_s: fl
     for marker in OOM_MARKERS:
         if marker in lowered:
             return "oom", _line_with(outcome.log_tail, marker) or last_line
+    if outcome.exit_code == RUNNER_OOM_EXIT_CODE:
+        return "oom", f"exited with code {RUNNER_OOM_EXIT_CODE} (the runner's out-of-memory status): {last_line}"
     if outcome.exit_code == -signal.SIGKILL:
         return "oom", "killed by SIGKILL with no result (most likely the kernel's OOM killer)"
     if result is not None:

@@ -127,6 +127,33 @@ def short_shape(shape: tuple) -> str:
     return text
 
 
+def predicted_allocated(point: Point) -> float | None:
+    """zeroplan's predicted peak allocated bytes (what torch.cuda.max_memory_allocated measures);
+    records without that figure fall back to their predicted_peak_bytes."""
+    value = point.number("predicted_peak_allocated_bytes")
+    return value if value is not None else point.number("predicted_peak_bytes")
+
+
+def predicted_terms(record: dict[str, Any]) -> dict[str, int]:
+    """The predicted breakdown as the six summary terms (BREAKDOWN_TERMS): from a `predicted` dict
+    holding them, or from the runner's `predicted_breakdown` (zeroplan.memory's as_dict), where the
+    optimizer states are master weights plus moments and activations include the logits and loss."""
+    summary = record.get("predicted")
+    if isinstance(summary, dict):
+        return {term: summary[term] for term in BREAKDOWN_TERMS if isinstance(summary.get(term), (int, float))}
+    full = record.get("predicted_breakdown")
+    if not isinstance(full, dict):
+        return {}
+
+    def get(*keys: str) -> int:
+        return sum(full[key] for key in keys if isinstance(full.get(key), (int, float)))
+
+    return {"params": get("params"), "grads": get("grads"),
+            "optimizer_states": get("master_weights", "optimizer_states"),
+            "activations": get("activations_vision", "activations_llm", "logits_and_loss"),
+            "buffers": get("buffers"), "overhead": get("overhead")}
+
+
 def _gib(value: float | None) -> str:
     return NO_VALUE if value is None else f"{value / GIB:.2f}"
 
@@ -188,7 +215,7 @@ def prediction_rows(points: list[Point]) -> tuple[list[str], ErrorSummary, Error
     ours: list[float] = []
     theirs: list[float] = []
     for point in sorted(points, key=lambda p: (_models(points).index(p.model), p.shape, p.stage)):
-        predicted, estimator = point.number("predicted_peak_bytes"), point.number("deepspeed_estimator_bytes")
+        predicted, estimator = predicted_allocated(point), point.number("deepspeed_estimator_bytes")
         measured = _measured(point, "measured_peak_allocated_bytes")
         error, estimator_error = _error_pct(predicted, measured), _error_pct(estimator, measured)
         ours += [error] if error is not None else []
@@ -233,7 +260,7 @@ def _versions(points: list[Point]) -> str:
         versions = point.record.get("versions")
         if isinstance(versions, dict):
             for name, version in versions.items():
-                if str(version) not in seen.setdefault(str(name), []):
+                if version is not None and str(version) not in seen.setdefault(str(name), []):
                     seen[str(name)].append(str(version))
     return ", ".join(f"{name} {' / '.join(values)}" for name, values in sorted(seen.items()))
 
@@ -246,8 +273,10 @@ def render_markdown(points: list[Point], source: str, report_command: str, plot_
         lines += [f"### {model}: {shape_label(shape)}", "", *stages_table(by_stage), ""]
     table, ours, theirs = prediction_rows(points)
     lines += ["## Predicted vs measured peak", "",
-              "Measured: the runner's peak allocated bytes (torch.cuda.max_memory_allocated). "
-              "Error = (predicted − measured) / measured; negative is an under-estimate.", "",
+              "Measured: peak allocated bytes (torch.cuda.max_memory_allocated) of the busiest rank; "
+              "zeroplan's figure is its predicted peak allocated bytes (its whole-GPU peak where a record "
+              "has no allocated figure). Error = (predicted − measured) / measured; negative is an "
+              "under-estimate.", "",
               *table, "", "### Summary", "", ours.line(), theirs.line(), ""]
     failures = [point for point in points if point.status != "ok"]
     if failures:
@@ -297,7 +326,7 @@ def plot_memory(model: str, points: list[Point]) -> bytes:
     labelled: set[str] = set()
     colors = ("#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948")
     for index, point in enumerate(points):
-        breakdown = point.record.get("predicted") if isinstance(point.record.get("predicted"), dict) else {}
+        breakdown = predicted_terms(point.record)
         bottom = 0.0
         for term, color in zip(BREAKDOWN_TERMS, colors):
             value = breakdown.get(term)
