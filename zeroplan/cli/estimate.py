@@ -70,7 +70,11 @@ def deepspeed_baseline(profile, shape, plan):
         from zeroplan.adapters.deepspeed_adapter import estimator_bytes
     except ImportError as error:
         return {"reason": f"zeroplan's DeepSpeed adapter is unavailable ({error})"}
-    result = estimator_bytes(profile, shape, plan)
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed logs to stdout on import
+        result = estimator_bytes(profile, shape, plan)
     return result if isinstance(result, dict) else {"reason": str(result)}
 
 

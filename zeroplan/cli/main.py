@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import sys
 
-import click
 import typer
+
+try:  # typer >= 0.20 ships its own copy of click; its exceptions are the ones raised
+    from typer._click import exceptions as click_exceptions
+except ImportError:  # pragma: no cover - older typer on the real click
+    from click import exceptions as click_exceptions
 
 from zeroplan.errors import ZeroplanError
 
@@ -47,18 +51,17 @@ def main(argv: list[str] | None = None) -> int:
     except ZeroplanError as error:
         print(f"zeroplan: error: {_one_line(error)}", file=sys.stderr)
         return error.exit_code
-    except click.exceptions.NoArgsIsHelpError as error:
-        print(error.ctx.get_help() if error.ctx else "zeroplan --help")
-        return 0
-    except click.UsageError as error:
+    except click_exceptions.NoArgsIsHelpError:
+        return 0  # typer has printed the help already
+    except click_exceptions.UsageError as error:
         print(f"zeroplan: error: {_one_line(error.format_message())}", file=sys.stderr)
         return 2
-    except click.exceptions.Exit as error:
+    except click_exceptions.Exit as error:
         return error.exit_code
-    except click.Abort:
+    except click_exceptions.Abort:
         print("zeroplan: aborted", file=sys.stderr)
         return 130
-    except click.ClickException as error:
+    except click_exceptions.ClickException as error:
         print(f"zeroplan: error: {_one_line(error.format_message())}", file=sys.stderr)
         return 2
     except BrokenPipeError:

@@ -1,0 +1,56 @@
+"""The planner picks what InternVL's authors pick on A100-80GB, ranks by speed, and says why the
+others lost."""
+
+import pytest
+
+from zeroplan.errors import DoesNotFit, InvalidInput
+from zeroplan.plan import Plan, TrainShape, cluster
+from zeroplan.planner import recommend
+from zeroplan.profiles import load_gpu, load_model
+
+A100 = load_gpu("a100-80gb")
+
+
+def _best(model, gpus, global_batch=128, **shape):
+    per_node, nodes = cluster(gpus, None, None)
+    return recommend(load_model(model), TrainShape(**shape), Plan(gpus_per_node=per_node, nodes=nodes), A100,
+                     global_batch)
+
+
+@pytest.mark.parametrize("model,gpus", [("1b", 8), ("2b", 16), ("4b", 8), ("8b", 8), ("8b", 32)])
+def test_small_models_get_stage_1_like_internvl(model, gpus):
+    assert _best(model, gpus).best.plan.stage == 1
+
+
+@pytest.mark.parametrize("model,gpus", [("26b", 32), ("38b", 64), ("40b", 32), ("78b", 128)])
+def test_large_models_get_stage_3_like_internvl(model, gpus):
+    assert _best(model, gpus).best.plan.stage == 3
+
+
+def test_every_alternative_says_why_it_lost():
+    result = _best("40b", 16)
+    assert result.best.fits
+    assert all(c.rejected_because for c in result.others)
+    assert any(c.rejected_because.startswith("does not fit") for c in result.others)
+    assert any(c.rejected_because.startswith("slower by") for c in result.others)
+    for candidate in result.others:
+        if candidate.fits:
+            assert candidate.time.step_s >= result.best.time.step_s * 0.99
+
+
+def test_accumulation_follows_from_the_global_batch():
+    result = _best("8b", 16, global_batch=256)
+    best = result.best
+    assert best.shape.micro_batch * best.gradient_accumulation * 16 == 256
+
+
+def test_nothing_fits_raises_with_suggestions():
+    with pytest.raises(DoesNotFit) as error:
+        recommend(load_model("78b"), TrainShape(seq_len=16384), Plan(gpus_per_node=1, nodes=1),
+                  load_gpu("l40s"), 1)
+    assert any("GPUs" in s for s in error.value.suggestions)
+
+
+def test_uneven_global_batch_is_rejected():
+    with pytest.raises(InvalidInput, match="split evenly"):
+        _best("8b", 24, global_batch=128)

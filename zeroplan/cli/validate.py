@@ -1,0 +1,118 @@
+"""Check a DeepSpeed config with DeepSpeed's own schema and predict whether it fits a model and cluster.
+
+Prints DeepSpeed's verdict on the config, the "auto" fields the HF Trainer will fill, and the
+predicted per-GPU peak for the plan the config describes (stage, offload, buckets, micro-batch)
+with the margin left on the GPU. Exit status 0 when it fits, 3 when it does not, 2 on bad input
+(missing or malformed file, a config DeepSpeed rejects, batch sizes that disagree with --gpus).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from zeroplan.cli import options as o
+from zeroplan.errors import DoesNotFit, InvalidConfig
+
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise InvalidConfig(f"duplicate key '{key}'")
+        seen[key] = value
+    return seen
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """The config file as a dict; a missing, unreadable, malformed or non-object file raises
+    InvalidConfig with one line (duplicate keys too, as DeepSpeed's own loader refuses them)."""
+    try:
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise InvalidConfig(f"{path} is larger than 1 MiB; a DeepSpeed config is a small JSON file")
+        text = path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise InvalidConfig(f"config file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise InvalidConfig(f"cannot read config {path}: {getattr(error, 'strerror', None) or error}") from None
+    try:
+        config = json.loads(text, object_pairs_hook=_no_duplicates)
+    except json.JSONDecodeError as error:
+        raise InvalidConfig(f"{path} is not valid JSON: {error.msg} at line {error.lineno} column {error.colno}") from None
+    except InvalidConfig as error:
+        raise InvalidConfig(f"{path}: {error}") from None
+    except RecursionError:
+        raise InvalidConfig(f"{path} is nested too deeply to be a DeepSpeed config") from None
+    if not isinstance(config, dict):
+        raise InvalidConfig(f"{path} holds a JSON {type(config).__name__}, not an object; a DeepSpeed config is an object")
+    return config
+
+
+def verdict(memory) -> dict[str, Any]:
+    """Fits or not, and the margin in bytes and as a share of the GPU's capacity."""
+    margin = memory.capacity - memory.peak_bytes
+    return {"fits": margin >= 0, "verdict": "fits" if margin >= 0 else "does not fit", "margin_bytes": margin,
+            "margin_percent": round(100 * margin / memory.capacity, 1) if memory.capacity else 0.0}
+
+
+def _print_report(path: Path, autos: list[str], payload: dict[str, Any]) -> None:
+    typer.echo(f"{path}: DeepSpeed accepts it (ZeRO stage {payload['stage']}, micro-batch {payload['micro_batch']}, "
+               f"accumulation {payload['gradient_accumulation']}, {payload['world_size']} GPUs)")
+    typer.echo(f"\"auto\" fields (filled by the HF Trainer): {', '.join(autos) if autos else 'none'}")
+    gib = o.gib
+    typer.echo(f"predicted per-GPU peak on {payload['gpu']}: {gib(payload['per_gpu_bytes']['peak'])} GiB "
+               f"of {gib(payload['capacity_bytes'])} GiB")
+    sign = "left" if payload["fits"] else "short"
+    typer.echo(f"verdict: {payload['verdict']} ({gib(abs(payload['margin_bytes']))} GiB {sign}, "
+               f"{abs(payload['margin_percent'])} % of the GPU)")
+
+
+def command(
+    config_path: Annotated[Path, typer.Argument(metavar="CONFIG.json", help="The DeepSpeed config to check.")],
+    model: o.Model,
+    gpus: o.Gpus = None,
+    nodes: o.Nodes = None,
+    gpus_per_node: o.GpusPerNode = None,
+    gpu: o.Gpu = None,
+    seq_len: o.SeqLen = 4096,
+    tiles: o.Tiles = 7,
+    grad_ckpt: Annotated[bool, typer.Option("--grad-ckpt/--no-grad-ckpt", help="Gradient checkpointing.")] = True,
+    freeze: o.Freeze = None,
+    lora_rank: o.LoraRank = 0,
+    micro_batch: Annotated[Optional[int], typer.Option("--micro-batch", help="Micro-batch where the config says \"auto\" (default 1).")] = None,
+    grad_accum: Annotated[Optional[int], typer.Option("--grad-accum", help="Accumulation where the config says \"auto\" (default 1).")] = None,
+    json_out: o.Json = False,
+):
+    """Check a DeepSpeed config with DeepSpeed's own schema and predict whether it fits a model and cluster."""
+    from zeroplan.adapters.deepspeed_adapter import validate_config
+    from zeroplan.cli.estimate import deepspeed_baseline, estimate_payload
+    from zeroplan.dsconfig import plan_from_config
+    from zeroplan.gpus import choose_gpu
+    from zeroplan.memory import estimate
+    from zeroplan.plan import cluster
+    from zeroplan.profiles import load_gpu, load_model
+
+    per_node, node_count = cluster(gpus, nodes, gpus_per_node)
+    profile = load_model(model)
+    if gpu is not None:
+        load_gpu(gpu)
+    config = read_config(config_path)
+    autos = validate_config(config, per_node * node_count)
+    plan, micro, accum = plan_from_config(config, per_node, node_count, hidden_size=profile.llm.hidden_size,
+                                          micro_batch=micro_batch, gradient_accumulation=grad_accum)
+    shape = o.build_shape(micro, seq_len, tiles, grad_ckpt, freeze, lora_rank, profile)
+    chosen = choose_gpu(gpu)
+    memory = estimate(profile, shape, plan, chosen.profile)
+    payload = estimate_payload(profile, shape, plan, chosen, memory, deepspeed_baseline(profile, shape, plan))
+    payload.update(config=str(config_path), deepspeed_valid=True, auto_fields=autos, gradient_accumulation=accum,
+                   **verdict(memory))
+    if json_out:
+        o.print_json(payload)
+    else:
+        _print_report(config_path, autos, payload)
+    return 0 if payload["fits"] else DoesNotFit.exit_code
