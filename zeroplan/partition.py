@@ -143,7 +143,9 @@ def param_bytes(profile: ModelProfile, shape: TrainShape, plan: Plan, rank: int 
     params stay as they are.
     Stage 3: every parameter's `ds_tensor` shard (`_partition_param`), plus the full tensor of
     each persistent parameter (`mark_persistent_parameters`; re-gathered after each step by
-    stage3.py `_post_step`). With parameter offload the non-persistent shards go to the host
+    stage3.py `_post_step`) in the padded all-gather buffer it is a view of (world × shard,
+    `_allgather_params_coalesced`), except on a single rank, where `all_gather_coalesced` hands out
+    `NoGatherHandle`s that make param.data a view of the shard. With parameter offload the non-persistent shards go to the host
     (see offload_cpu_bytes)."""
     frozen = sum(frozen_numels(profile, shape))
     trainable = trainable_numels(profile, shape)
@@ -152,10 +154,13 @@ def param_bytes(profile: ModelProfile, shape: TrainShape, plan: Plan, rank: int 
     if plan.stage in (1, 2):
         return BF16_BYTES * (frozen + flat_partition(trainable, plan.world_size, rank).aligned_elems)
     persistent = tuple(n for n in _model_numels(profile, shape) if n <= plan.param_persistence_threshold)
+    if plan.offload_params == "none" and plan.world_size == 1:
+        persistent = ()  # one rank: a gathered param is a view of its ds_tensor (NoGatherHandle)
     if plan.offload_params != "none":
-        return BF16_BYTES * sum(_ceil_div(n, plan.world_size) + n for n in persistent)
-    shards = stage3_shards(_model_numels(profile, shape), plan.world_size, rank).partition_elems
-    return BF16_BYTES * (shards + sum(persistent))
+        return BF16_BYTES * sum(_ceil_div(n, plan.world_size) * (1 + plan.world_size) for n in persistent)
+    world = plan.world_size
+    shards = stage3_shards(_model_numels(profile, shape), world, rank).partition_elems
+    return BF16_BYTES * (shards + sum(_ceil_div(n, world) * world for n in persistent))
 
 
 def partition(profile: ModelProfile, shape: TrainShape, plan: Plan, rank: int = 0) -> tuple[int, int]:
@@ -180,8 +185,8 @@ def grad_bytes(profile: ModelProfile, shape: TrainShape, plan: Plan, rank: int =
     on, and otherwise right after backward in `reduce_gradients`): the reduced bf16 grads of the
     params that overlap this rank's slice, whole params (`copy_grads_in_partition` allocates
     `grads_in_partition` of that size; without contiguous_gradients the same `.grad` tensors are
-    kept by `averaged_gradients`); a rank whose slice holds only padding gets a zero bf16 slice
-    from `get_flat_partition`. The rest is released in `independent_gradient_partition_epilogue`.
+    kept by `averaged_gradients`), plus a zero bf16 tensor for the slice's padding
+    (`_get_flat_partition_unpadded` appends it to `averaged_gradients`). The rest is released in `independent_gradient_partition_epilogue`.
     With optimizer offload only `temp_grad_buffer_for_gpu_offload` (largest trainable param, bf16)
     stays on the GPU.
     Stage 3: `grad_partitions_flat_buffer`, one bf16 (the gradient-accumulation dtype) shard per
@@ -194,7 +199,7 @@ def grad_bytes(profile: ModelProfile, shape: TrainShape, plan: Plan, rank: int =
         if plan.offload_optimizer != "none":
             return BF16_BYTES * max(trainable, default=0)
         layout = flat_partition(trainable, plan.world_size, rank)
-        return BF16_BYTES * (layout.grad_source_elems or layout.partition_elems)
+        return BF16_BYTES * (layout.grad_source_elems + layout.padding_elems)
     if plan.offload_optimizer != "none":
         return 0
     return BF16_BYTES * stage3_shards(trainable, plan.world_size, rank).partition_elems
