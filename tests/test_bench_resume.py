@@ -210,6 +210,7 @@ def test_bundled_sweep_files_expand():
     (["--sweep", "missing.toml"], "does not exist"),
     (["--sweep", "{bad}"], "not valid TOML"),
     (["--sweep", "{unknown}"], "unknown keys"),
+    (["--sweep", "{unknown}", "--stages", "1"], "not both (got --stages)"),
     (["--model", "tiny", "--results", "{file}/results.jsonl"], "cannot create"),
     (["--model", "tiny", "--results", "{dir}"], "is a directory"),
 ])

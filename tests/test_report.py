@@ -55,7 +55,7 @@ def test_readme_has_the_tables_and_the_numbers(results, tmp_path):
     assert "NVIDIA H100 80GB HBM3" in text and "2025-11-20T10:00:00+00:00 to 2025-11-23T10:00:00+00:00" in text
     assert "`zeroplan bench --sweep benchmarks/h100_stages.toml --results r.jsonl`" in text
     assert "deepspeed 0.19.8, torch 2.13.0" in text
-    assert "### InternVL2_5-1B: micro-batch 1, 4096 tokens, 7 tiles, checkpointing on, 1 GPU" in text
+    assert "### InternVL2_5-1B: micro-batch 1, 4096 tokens, 7 tiles, checkpointing on, 1 rank" in text
     assert "| | ZeRO-0 | ZeRO-1 | ZeRO-2 | ZeRO-3 |" in text
     assert "| status | **oom** | ok | ok | ok |" in text
     assert "| peak allocated (GiB) | — | 40.00 | 30.00 | 20.00 |" in text
@@ -95,7 +95,7 @@ def test_a_record_without_a_spec_field_falls_back_to_the_embedded_spec():
                              "seq_len": 64, "tiles": 2, "grad_ckpt": False, "frozen": ["vision"], "lora_rank": 0,
                              "world_size": 2, "offload_optimizer": "cpu", "offload_params": "none"}})
     assert (point.model, point.stage) == ("m", 2)
-    assert report.shape_label(point.shape) == ("micro-batch 4, 64 tokens, 2 tiles, checkpointing off, 2 GPUs, "
+    assert report.shape_label(point.shape) == ("micro-batch 4, 64 tokens, 2 tiles, checkpointing off, 2 ranks, "
                                                "optimizer offload to cpu, frozen vision")
 
 

@@ -177,16 +177,19 @@ def _zero_block(profile: ModelProfile, plan: Plan) -> dict[str, Any]:
 
 def render(profile: ModelProfile, shape: TrainShape, plan: Plan, micro_batch: int, gradient_accumulation: int,
            flavour: str = "concrete", gradient_clipping: float = 1.0, lr: float = 2e-5,
-           weight_decay: float = 0.05, optimizer: str = "adamw", tune: bool = True) -> dict[str, Any]:
+           weight_decay: float = 0.05, optimizer: str = "adamw", tune: bool = False) -> dict[str, Any]:
     """A DeepSpeed config for the plan (bf16, AdamW, ZeRO stage and offload as planned).
 
-    With `tune` the buckets come from `tuned_plan`; without, the plan's own numbers are written
-    (a plan read back with `plan_from_config`, or one the planner sized). `optimizer="adamw"`
-    puts DeepSpeed's AdamW block in the config (InternVL's choice, and the only one that works with
-    optimizer offload, where DeepSpeed swaps in its CPU Adam); `"client"` leaves it out for a
-    client torch AdamW(fused=True) and sets zero_allow_untested_optimizer. The "hf" flavour writes
-    "auto" where the HF Trainer fills the value: precision, batch sizes, accumulation, clipping,
-    learning rate and weight decay."""
+    By default the plan's own bucket numbers are written, so the config is exactly the plan whose
+    memory was predicted (the runner and the planner rely on that); with `tune` they are first
+    derived from the model's shapes by `tuned_plan` (what `config_set` and `generate` do).
+
+    `optimizer="adamw"` puts DeepSpeed's AdamW block in the config (InternVL's choice, and the only
+    one that works with optimizer offload, where DeepSpeed swaps in its CPU Adam); `"client"`
+    leaves it out for a client torch AdamW(fused=True), as zeroplan's runner passes without
+    offload, and sets zero_allow_untested_optimizer. The "hf" flavour writes "auto" where the HF
+    Trainer fills the value: precision, batch sizes, accumulation, clipping, learning rate and
+    weight decay."""
     if flavour not in FLAVOURS:
         raise InvalidInput(f"flavour must be one of {', '.join(FLAVOURS)}, got {flavour!r}")
     if optimizer not in OPTIMIZERS:
@@ -231,7 +234,8 @@ def config_set(flavour: str = "hf") -> dict[str, dict[str, Any]]:
         if stage == 3 and profile.internvl_ds_config != size_class:
             raise InvalidInput(f"{profile.name} is of class {profile.internvl_ds_config}, not {size_class}")
         plan = Plan(stage=stage, gpus_per_node=min(gpus, 8), nodes=max(1, gpus // 8))
-        out[filename] = render(profile, SET_SHAPE, plan, micro_batch=1, gradient_accumulation=1, flavour=flavour)
+        out[filename] = render(profile, SET_SHAPE, plan, micro_batch=1, gradient_accumulation=1, flavour=flavour,
+                               tune=True)
     return out
 
 

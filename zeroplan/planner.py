@@ -66,9 +66,12 @@ def per_gpu_batch(global_batch: int, world_size: int) -> int:
     return global_batch // world_size
 
 
-def candidate_plans(base: Plan, shape: TrainShape, per_gpu: int, stages=(0, 1, 2, 3),
+def candidate_plans(profile: ModelProfile, base: Plan, shape: TrainShape, per_gpu: int, stages=(0, 1, 2, 3),
                     allow_offload: bool = True):
-    """Yield (plan, shape, accumulation) for every combination worth predicting."""
+    """Yield (plan, shape, accumulation) for every combination worth predicting; each plan's buckets
+    and ZeRO-3 settings are the tuned ones its DeepSpeed config will carry (dsconfig.tuned_plan)."""
+    from zeroplan.dsconfig import tuned_plan
+
     for stage in stages:
         offloads = [("none", "none")]
         if allow_offload and stage >= 1:
@@ -76,7 +79,8 @@ def candidate_plans(base: Plan, shape: TrainShape, per_gpu: int, stages=(0, 1, 2
         if allow_offload and stage == 3:
             offloads.append(("cpu", "cpu"))
         for offload_optimizer, offload_params in offloads:
-            plan = base.with_(stage=stage, offload_optimizer=offload_optimizer, offload_params=offload_params)
+            plan = tuned_plan(profile, shape, base.with_(stage=stage, offload_optimizer=offload_optimizer,
+                                                      offload_params=offload_params))
             for micro in MICRO_BATCHES:
                 if micro > per_gpu or per_gpu % micro:
                     continue
@@ -111,7 +115,7 @@ def recommend(profile: ModelProfile, shape: TrainShape, base: Plan, gpu: GPUProf
     per_gpu = per_gpu_batch(global_batch, base.world_size)
     budget = int(gpu.memory_bytes * (1 - headroom))
     candidates = [evaluate(profile, s, p, gpu, acc, budget)
-                  for p, s, acc in candidate_plans(base, shape, per_gpu, stages, allow_offload)]
+                  for p, s, acc in candidate_plans(profile, base, shape, per_gpu, stages, allow_offload)]
     fitting = sorted((c for c in candidates if c.fits), key=lambda c: c.time.step_s)
     if not fitting:
         raise DoesNotFit(_nothing_fits_message(candidates, budget), _suggestions(profile, shape, base))

@@ -104,7 +104,7 @@ def shape_label(shape: tuple) -> str:
     values = dict(zip(SHAPE_FIELDS, shape))
     parts = [f"micro-batch {values['micro_batch']}", f"{values['seq_len']} tokens", f"{values['tiles']} tiles",
              f"checkpointing {'on' if values['grad_ckpt'] else 'off'}",
-             f"{values['world_size']} GPU" + ("s" if values["world_size"] != 1 else "")]
+             f"{values['world_size']} rank" + ("s" if values["world_size"] != 1 else "")]
     if values["offload_optimizer"] != "none":
         parts.append(f"optimizer offload to {values['offload_optimizer']}")
     if values["offload_params"] != "none":
@@ -158,6 +158,12 @@ def _gib(value: float | None) -> str:
     return NO_VALUE if value is None else f"{value / GIB:.2f}"
 
 
+def _mfu(fraction: float) -> str:
+    """MFU in percent: one decimal, or two significant digits below 0.1% (CPU runs)."""
+    percent = fraction * 100
+    return f"{percent:.1f}%" if percent >= 0.1 or percent == 0 else f"{percent:.2g}%"
+
+
 def _error_pct(predicted: float | None, measured: float | None) -> float | None:
     """Signed error of a prediction in percent of the measured value (negative: under-estimate)."""
     if predicted is None or not measured:
@@ -198,7 +204,7 @@ def stages_table(by_stage: dict[int, Point]) -> list[str]:
         ("peak allocated (GiB)", lambda p: _gib(_measured(p, "measured_peak_allocated_bytes"))),
         ("peak reserved (GiB)", lambda p: _gib(_measured(p, "measured_peak_reserved_bytes"))),
         ("tokens/s", lambda p: NO_VALUE if _measured(p, "tokens_per_s") is None else f"{p.number('tokens_per_s'):,.0f}"),
-        ("MFU", lambda p: NO_VALUE if _measured(p, "mfu") is None else f"{p.number('mfu') * 100:.1f}%"),
+        ("MFU", lambda p: NO_VALUE if _measured(p, "mfu") is None else _mfu(p.number("mfu"))),
         ("step time (s)", lambda p: NO_VALUE if _measured(p, "step_time_s") is None else f"{p.number('step_time_s'):.3f}"),
     ]
     lines = ["| | " + " | ".join(f"ZeRO-{stage}" for stage in stages) + " |",

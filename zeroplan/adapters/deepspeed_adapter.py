@@ -56,23 +56,32 @@ def _one_line_reason(error: Exception) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
 def _per_rank_batch(config: dict[str, Any], world_size: int | None) -> dict[str, Any]:
-    """DeepSpeedConfig without torch.distributed assumes one rank; divide train_batch_size by the
-    world size so its check `train_batch == micro × accum × world` runs on the real world size."""
+    """DeepSpeedConfig without torch.distributed assumes one rank. Check DeepSpeed's batch rule
+    `train_batch == micro × accumulation × world` here on the real world size (or, with no world
+    size, that one exists), then hand DeepSpeed the one-rank equivalent so its own checks pass or
+    fail on everything else."""
     total = config.get("train_batch_size")
-    if total is None or isinstance(total, bool) or not isinstance(total, (int, float)):
+    micro, accum = config.get("train_micro_batch_size_per_gpu"), config.get("gradient_accumulation_steps", 1)
+    if not _positive_int(total):
         return config
+    if _positive_int(micro) and _positive_int(accum):
+        if world_size is None and total % (micro * accum) == 0:
+            return {**config, "train_batch_size": micro * accum}
+        if world_size is not None and total == micro * accum * world_size:
+            return {**config, "train_batch_size": micro * accum}
+        gpus = f"{world_size} GPUs" if world_size is not None else "any number of GPUs"
+        raise InvalidConfig(f"train_batch_size {total} is not train_micro_batch_size_per_gpu × "
+                            f"gradient_accumulation_steps × GPUs ({micro} × {accum} × {gpus})")
     if world_size is None:
-        micro, accum = (config.get(key, 1) for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps"))
-        if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (micro, accum)):
-            return config
-        if total % (micro * accum):
-            raise InvalidConfig(f"train_batch_size {total:g} is not a multiple of micro-batch × accumulation "
-                                f"({micro} × {accum})")
-        return {**config, "train_batch_size": micro * accum}
+        return config
     if total % world_size:
-        raise InvalidConfig(f"train_batch_size {total:g} is not a multiple of the {world_size} GPUs")
-    return {**config, "train_batch_size": int(total // world_size)}
+        raise InvalidConfig(f"train_batch_size {total} does not split over {world_size} GPUs")
+    return {**config, "train_batch_size": total // world_size}
 
 
 def _given_or_one(config: dict[str, Any], key: str) -> int:
@@ -111,11 +120,12 @@ def _trainable_params(profile: ModelProfile, shape: TrainShape) -> int:
     return trained + sum(t.numel for t in lora_tensors(profile, shape.lora_rank))
 
 
-def estimator_bytes(profile: ModelProfile, shape: TrainShape, plan: Plan) -> tuple[dict | None, str]:
+def estimator_bytes(profile: ModelProfile, shape: TrainShape, plan: Plan) -> dict[str, Any]:
     """DeepSpeed's own model-state estimates (estimate_zero2_model_states_mem_needs and
     estimate_zero3_model_states_mem_needs, called, not re-implemented) for this model and cluster.
 
-    Returns (estimates, "") or (None, reason) when DeepSpeed is not importable. The formulas assume
+    Where DeepSpeed is not importable, zero2 / zero3 / for_stage are None and `reason` says why
+    (the planner still answers without them). The formulas assume
     every parameter they are given is trained, so they get the trainable count (frozen towers'
     weights are not in them); the ZeRO-3 one also gets the largest module, which is gathered
     whole. CPU bytes are per node. `for_stage` picks the one matching the plan; DeepSpeed has no
@@ -125,7 +135,8 @@ def estimator_bytes(profile: ModelProfile, shape: TrainShape, plan: Plan) -> tup
         from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
         from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
     except ImportError as error:
-        return None, f"deepspeed is not importable ({error}); its estimators were skipped"
+        return {"zero2": None, "zero3": None, "for_stage": None,
+                "reason": f"deepspeed is not importable ({error}); its estimators were skipped"}
     trainable = _trainable_params(profile, shape)
     largest_layer = count_parameters(profile).largest_layer
     offload_optimizer, offload_params = plan.offload_optimizer != "none", plan.offload_params != "none"
@@ -140,10 +151,11 @@ def estimator_bytes(profile: ModelProfile, shape: TrainShape, plan: Plan) -> tup
         "zero3": {"gpu_bytes": int(zero3_gpu), "cpu_bytes": int(zero3_cpu)},
         "total_params": trainable, "largest_layer_params": largest_layer,
     }
-    estimates["for_stage"] = dict(estimates["zero3" if plan.stage == 3 else "zero2"])
+    formula = "zero3" if plan.stage == 3 else "zero2"
+    estimates["for_stage"] = {**estimates[formula], "formula": f"estimate_{formula}_model_states_mem_needs"}
     if plan.stage < 2:
         kept_whole = "16-bit gradients" if plan.stage == 1 else "gradients, fp32 weights and optimizer states"
         estimates["for_stage"]["note"] = (f"DeepSpeed has no ZeRO-{plan.stage} estimator; this is its ZeRO-2 "
                                           f"formula, which partitions the {kept_whole} that stage {plan.stage} "
                                           "keeps whole on every GPU (an under-estimate)")
-    return estimates, ""
+    return estimates

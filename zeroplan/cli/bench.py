@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from click.core import ParameterSource
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -28,6 +29,7 @@ STATUS_STYLES = {"ok": "green", "oom": "yellow", "timeout": "magenta", "error": 
 
 
 def command(
+    ctx: typer.Context,
     results: Path = typer.Option(..., "--results", help="Results JSONL file (appended to; resumed from)."),
     sweep: Optional[Path] = typer.Option(None, "--sweep", help="Sweep TOML file (see benchmarks/)."),
     launcher: Optional[str] = typer.Option(None, "--launcher", help="torchrun or deepspeed (default: the sweep's, else torchrun)."),
@@ -52,6 +54,9 @@ def command(
     flags = dict(model=model, stages=stages, micro_batch=micro_batch, grad_ckpt=grad_ckpt, offload=offload,
                  seq_len=seq_len, tiles=tiles, frozen=frozen, lora_rank=lora_rank, gpus=gpus, steps=steps,
                  warmup_steps=warmup_steps, gpu=gpu, attn_implementation=attn_implementation)
+    given = [name for name in GRID_FLAGS if ctx.get_parameter_source(name) not in (None, ParameterSource.DEFAULT)]
+    if sweep is not None and given:
+        raise InvalidInput(f"give either --sweep or grid flags, not both (got --{given[0].replace('_', '-')})")
     the_sweep = _sweep_from(sweep, flags, launcher, timeout_s)
     specs = bench.expand(the_sweep.grid)
     bench.check_results_path(results)
@@ -71,8 +76,6 @@ def command(
 def _sweep_from(sweep_path: Path | None, flags: dict, launcher: str | None, timeout_s: float | None) -> bench.Sweep:
     """The sweep a sweep file or the grid flags describe, with --launcher/--timeout-s applied."""
     if sweep_path is not None:
-        if flags["model"] is not None:
-            raise InvalidInput("give either --sweep or grid flags such as --model, not both")
         the_sweep = bench.load_sweep(sweep_path)
     else:
         if flags["model"] is None:

@@ -89,7 +89,10 @@ class SyntheticData:
 
     def __init__(self, profile, image_token_id, spec, rank: int):
         self.profile, self.image_token_id, self.spec, self.rank = profile, image_token_id, spec, rank
-        self.max_tiles = max(0, (spec.seq_len - 4) // profile.tokens_per_tile)
+        fit = (spec.seq_len - 4) // profile.tokens_per_tile
+        if not spec.packed and spec.tiles > fit:
+            raise InvalidInput(f"{spec.tiles} tiles ({spec.tiles * profile.tokens_per_tile} image tokens) do not fit "
+                               f"a {spec.seq_len}-token sample with room for text (at most {max(fit, 0)} tiles)")
 
     def _sequence(self, index: int) -> list[Sample]:
         import torch

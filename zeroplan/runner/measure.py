@@ -118,6 +118,7 @@ def throughput(records: list[StepRecord], warmup_steps: int, world_size: int, pe
         "image_tokens_per_s": total["image_tokens"] / seconds if seconds else 0.0,
         "samples_per_s": total["samples"] / seconds if seconds else 0.0,
         "tiles_per_s": total["tiles"] / seconds if seconds else 0.0,
+        "tiles_per_sample": total["tiles"] / total["samples"] if total["samples"] else 0.0,
         "model_flops_per_step": total["flops"] / len(measured),
         "achieved_tflops": flops_per_s / 1e12,
         "achieved_tflops_per_gpu": flops_per_s / 1e12 / world_size,

@@ -173,7 +173,7 @@ def tower_of(name: str) -> str | None:
 
 
 def prepare_for_training(model, spec, shape):
-    """Freeze towers, add LoRA to the LLM (peft; alpha = 2·rank), and turn on gradient
+    """Freeze towers, add bf16 LoRA to the LLM (peft; alpha = 2·rank), and turn on gradient
     checkpointing (non-reentrant, so it works when the vision tower's input needs no gradient)."""
     import torch
 
@@ -183,7 +183,11 @@ def prepare_for_training(model, spec, shape):
         torch.manual_seed(_module_seed(spec.seed, "lora"))
         lora = LoraConfig(r=spec.lora_rank, lora_alpha=2 * spec.lora_rank, lora_dropout=0.0,
                           target_modules=LORA_PATTERN)
-        model = get_peft_model(model, lora)
+        with _default_dtype(torch.bfloat16):
+            model = get_peft_model(model, lora, autocast_adapter_dtype=False)
+        for name, param in model.named_parameters():
+            if "lora_" in name and param.dtype != torch.bfloat16:
+                param.data = param.data.to(torch.bfloat16)
     for name, param in model.named_parameters():
         if "lora_" in name:
             param.requires_grad_(True)
