@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from click.core import ParameterSource
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -54,7 +53,7 @@ def command(
     flags = dict(model=model, stages=stages, micro_batch=micro_batch, grad_ckpt=grad_ckpt, offload=offload,
                  seq_len=seq_len, tiles=tiles, frozen=frozen, lora_rank=lora_rank, gpus=gpus, steps=steps,
                  warmup_steps=warmup_steps, gpu=gpu, attn_implementation=attn_implementation)
-    given = [name for name in GRID_FLAGS if ctx.get_parameter_source(name) not in (None, ParameterSource.DEFAULT)]
+    given = [name for name in GRID_FLAGS if _given(ctx, name)]
     if sweep is not None and given:
         raise InvalidInput(f"give either --sweep or grid flags, not both (got --{given[0].replace('_', '-')})")
     the_sweep = _sweep_from(sweep, flags, launcher, timeout_s)
@@ -71,6 +70,12 @@ def command(
     console.print(f"{summary.total} points: {summary.skipped} already done, ran {summary.ran} ({counts})")
     console.print(f"next: zeroplan report {shlex.quote(str(results))} --out {shlex.quote(str(results.parent))}")
     return 0
+
+
+def _given(ctx: typer.Context, name: str) -> bool:
+    """Whether an option came from the command line (typer may ship its own click, so its
+    ParameterSource enum is compared by name)."""
+    return getattr(ctx.get_parameter_source(name), "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP")
 
 
 def _sweep_from(sweep_path: Path | None, flags: dict, launcher: str | None, timeout_s: float | None) -> bench.Sweep:
