@@ -39,11 +39,12 @@ FAKE_RUNNER = textwrap.dedent("""
         print("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB", file=sys.stderr)
         sys.exit(1)
     status = "oom" if behavior == "oom" else "ok"
+    loss = float("nan") if behavior == "nan" else 1.5
     result = {"model": spec["model"], "stage": spec["stage"], "micro_batch": spec["micro_batch"],
               "seq_len": spec["seq_len"], "tiles": spec["tiles"], "grad_ckpt": spec["grad_ckpt"],
               "world_size": spec["world_size"], "status": status, "device": "fake",
               "predicted_peak_bytes": 1000, "measured_peak_allocated_bytes": 900 if status == "ok" else None,
-              "reason": "CUDA out of memory at step 1" if status == "oom" else ""}
+              "reason": "CUDA out of memory at step 1" if status == "oom" else "", "final_loss": loss}
     tmp = result_path + ".tmp"
     open(tmp, "w").write(json.dumps(result))
     os.replace(tmp, result_path)
@@ -82,6 +83,14 @@ def test_oom_hang_and_crash_are_recorded_with_reasons_and_the_sweep_goes_on(tmp_
     assert by_stage[2]["exit_code"] == 1
     assert by_stage[3]["status"] == "oom" and "Tried to allocate" in by_stage[3]["reason"]
     assert all(Path(record["log"]).is_file() for record in by_stage.values())
+
+
+def test_a_diverged_loss_is_stored_as_null_so_every_line_stays_strict_json(tmp_path, fake_runner, monkeypatch):
+    monkeypatch.setenv("FAKE_BEHAVIOR", json.dumps({"1": "nan"}))
+    results = tmp_path / "results.jsonl"
+    bench.run_sweep(tiny_specs((0, 1)), results, fake_runner, timeout_s=30)
+    losses = [json.loads(line, parse_constant=pytest.fail)["final_loss"] for line in results.read_text().splitlines()]
+    assert losses == [1.5, None]
 
 
 def test_a_timed_out_point_loses_its_whole_process_group_even_if_it_ignores_sigterm(tmp_path, fake_runner,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import signal
 import subprocess
@@ -349,7 +350,19 @@ def run_point(spec: RunSpec, point_dir: Path, command_for: CommandFor, timeout_s
                    "exit_code": outcome.exit_code, "wall_s": round(outcome.wall_s, 3), "log": str(log_path),
                    "command": command, "started_at": started_at, "finished_at": _now()})
     record.setdefault("date", record["finished_at"])
-    return record
+    return json_safe(record)
+
+
+def json_safe(value: Any) -> Any:
+    """The value with NaN and infinities (a diverged loss) as None: strict JSON, so every reader
+    can parse the line."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [json_safe(item) for item in value]
+    return value
 
 
 def _now() -> str:
