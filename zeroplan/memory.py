@@ -14,7 +14,7 @@ from functools import lru_cache
 
 from zeroplan.activations import ActivationBytes, activation_bytes
 from zeroplan.params import count_parameters
-from zeroplan.partition import ModelStateBytes, model_state_bytes
+from zeroplan.partition import ModelStateBytes, model_state_bytes, optimizer_step_grad_bytes
 from zeroplan.plan import Plan, TrainShape
 from zeroplan.profiles import GPUProfile, ModelProfile
 
@@ -101,20 +101,17 @@ def communication_buffer_bytes(profile: ModelProfile, plan: Plan, trainable_elem
     return BF16 * plan.reduce_bucket_elems * (1 if plan.contiguous_gradients else 0) + BF16 * gathered
 
 
-def step_transient_bytes(states: ModelStateBytes, plan: Plan) -> int:
-    """Temporaries of the optimizer step: ZeRO-1/2 cast the rank's gradient partition to fp32
-    before Adam (single_grad_partition), ZeRO-3 does the same per sub-group. With the optimizer
-    offloaded the cast happens on the host."""
-    if plan.offload_optimizer != "none" or plan.stage == 0:
-        return 0
-    if plan.stage == 3:
-        return FP32 * min(plan.sub_group_elems, states.partition_elems)
-    return FP32 * states.partition_elems
+def step_transient_bytes(profile: ModelProfile, shape: TrainShape, plan: Plan) -> int:
+    """Temporaries of the optimizer step: the fp32 copy of the rank's gradients Adam reads
+    (zeroplan.partition.optimizer_step_grad_bytes: every gradient under ZeRO-0, the rank's slice
+    under ZeRO-1/2, one sub-group under ZeRO-3; none with the optimizer offloaded)."""
+    return max(optimizer_step_grad_bytes(profile, shape, plan, rank) for rank in _ranks(plan))
 
 
 def _full_grad_of_lm_head(profile: ModelProfile, shape: TrainShape, plan: Plan) -> int:
-    """Under ZeRO-0/1 the LM head's bf16 gradient is the first one backward produces and stays."""
-    if plan.stage > 1 or not shape.trains("llm") or profile.llm.tie_word_embeddings:
+    """Under ZeRO-0 the LM head's bf16 gradient is the first one backward produces and stays until
+    the step (ZeRO-1/2 reduce it into the bucket counted with the buffers, in DeepSpeed 0.19.8)."""
+    if plan.stage > 0 or not shape.trains("llm") or profile.llm.tie_word_embeddings:
         return 0
     return BF16 * profile.llm.vocab_size * profile.llm.hidden_size
 
@@ -144,10 +141,11 @@ def estimate(profile: ModelProfile, shape: TrainShape, plan: Plan, gpu: GPUProfi
     states = _most_loaded_rank_states(profile, replace(shape, micro_batch=1, grad_ckpt=False), plan)
     acts = activation_bytes(profile, shape)
     buffers = communication_buffer_bytes(profile, plan, states.partition_elems * plan.world_size)
-    step = step_transient_bytes(states, plan)
-    # ZeRO-2/3 keep their gradient partition for the whole run; ZeRO-0/1 hold full gradients from
-    # backward until the step, while the activations are being freed.
-    persistent_grads = states.grads if plan.stage >= 2 else 0
+    step = step_transient_bytes(profile, replace(shape, micro_batch=1, grad_ckpt=False), plan)
+    # ZeRO-1/2/3 keep their reduced gradient slice (grads_in_partition / the stage-3 flat buffer)
+    # across steps; ZeRO-0 holds full gradients from backward until the step, while the
+    # activations are being freed.
+    persistent_grads = states.grads if plan.stage >= 1 else 0
     static = states.params + states.master_weights + states.optimizer_states + persistent_grads
     phases = _phases(static, acts, states.grads - persistent_grads, buffers, step,
                      _full_grad_of_lm_head(profile, shape, plan))

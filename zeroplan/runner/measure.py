@@ -101,23 +101,40 @@ def open_nvml(cuda: bool, local_rank: int) -> Nvml | None:
         return None
 
 
+def combine_ranks(per_rank: list[list[StepRecord]]) -> list[StepRecord]:
+    """One record per step for the whole job: counts and FLOPs summed over ranks (their samples
+    differ in tiles), time the slowest rank's (the step ends when every rank has finished)."""
+    steps = min(len(records) for records in per_rank)
+    combined = []
+    for index in range(steps):
+        row = [records[index] for records in per_rank]
+        combined.append(StepRecord(seconds=max(r.seconds for r in row), samples=sum(r.samples for r in row),
+                                   tiles=sum(r.tiles for r in row), text_tokens=sum(r.text_tokens for r in row),
+                                   image_tokens=sum(r.image_tokens for r in row), flops=sum(r.flops for r in row)))
+    return combined
+
+
 def throughput(records: list[StepRecord], warmup_steps: int, world_size: int, peak_flops_per_gpu: float | None) -> dict:
-    """Median step time and rates over the steps after warmup. Counts are this rank's times
-    world_size (every rank runs the same shape); rates are totals over measured time."""
+    """Median step time and job-wide rates over the steps after warmup, from combined records
+    (combine_ranks); rates are totals over the measured time."""
     measured = records[warmup_steps:] or records
     seconds = sum(r.seconds for r in measured)
-    total = {key: world_size * sum(getattr(r, key) for r in measured)
+    total = {key: sum(getattr(r, key) for r in measured)
              for key in ("samples", "tiles", "text_tokens", "image_tokens", "flops")}
-    flops_per_s = total["flops"] / seconds if seconds else 0.0
+
+    def rate(value: float) -> float:
+        return value / seconds if seconds else 0.0
+
+    flops_per_s = rate(total["flops"])
     return {
         "step_time_s": statistics.median(r.seconds for r in measured),
         "step_times_s": [r.seconds for r in records],
         "measured_steps": len(measured),
-        "tokens_per_s": (total["text_tokens"] + total["image_tokens"]) / seconds if seconds else 0.0,
-        "text_tokens_per_s": total["text_tokens"] / seconds if seconds else 0.0,
-        "image_tokens_per_s": total["image_tokens"] / seconds if seconds else 0.0,
-        "samples_per_s": total["samples"] / seconds if seconds else 0.0,
-        "tiles_per_s": total["tiles"] / seconds if seconds else 0.0,
+        "tokens_per_s": rate(total["text_tokens"] + total["image_tokens"]),
+        "text_tokens_per_s": rate(total["text_tokens"]),
+        "image_tokens_per_s": rate(total["image_tokens"]),
+        "samples_per_s": rate(total["samples"]),
+        "tiles_per_s": rate(total["tiles"]),
         "tiles_per_sample": total["tiles"] / total["samples"] if total["samples"] else 0.0,
         "model_flops_per_step": total["flops"] / len(measured),
         "achieved_tflops": flops_per_s / 1e12,

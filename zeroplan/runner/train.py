@@ -140,10 +140,11 @@ def resolve_gpu(spec: RunSpec, cuda: bool):
 
 
 def collect(spec, profile, gpu, meter, init_peaks: dict, step_peaks: dict, world_size: int) -> dict:
-    """Throughput, FLOPs and every rank's memory peaks, gathered to every rank."""
+    """Job-wide throughput and FLOPs, and every rank's memory peaks, gathered from every rank."""
     from zeroplan.runner import measure
 
-    out = measure.throughput(meter.records, spec.warmup_steps, world_size, gpu.bf16_dense_tflops * 1e12)
+    records = measure.combine_ranks(measure.gather_to_all(meter.records))
+    out = measure.throughput(records, spec.warmup_steps, world_size, gpu.bf16_dense_tflops * 1e12)
     out["patch_tokens_per_s"] = measure.patch_tokens_per_s(out["tiles_per_s"], profile)
     per_rank = measure.gather_to_all({"init": init_peaks, "steps": step_peaks,
                                       "nvml_peak_used_bytes": max(meter.nvml_used_bytes, default=None)})
