@@ -77,10 +77,16 @@ def train(spec: RunSpec, cuda: bool, rank: int, world_size: int, local_rank: int
         raise RuntimeError(f"launched with {world_size} ranks but the spec asks for {spec.world_size}")
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     profile, image_token_id = model_setup.resolve(spec)
-    shape, plan = spec.shape(), spec.plan()
+    from zeroplan.dsconfig import tuned_plan
+
+    # The plan the DeepSpeed config carries (buckets and ZeRO-3 knobs tuned to the model), so the
+    # prediction and the run describe the same thing.
+    shape = spec.shape()
+    plan = tuned_plan(profile, shape, spec.plan())
     gpu = resolve_gpu(spec, cuda)
     result.update(measure.environment(cuda, None))
     result.update(gpu_profile=gpu.name, **measure.prediction(profile, shape, plan, gpu))
+    result["deepspeed_estimator_bytes"] = deepspeed_estimate(profile, shape, plan)
     client = spec.offload_optimizer == "none"
     ds_config, source = deepspeed_config(profile, shape, plan, spec.micro_batch, spec.lr, client)
     result.update(ds_config=ds_config, ds_config_source=source)
@@ -114,6 +120,16 @@ def train(spec: RunSpec, cuda: bool, rank: int, world_size: int, local_rank: int
     step_peaks = measure.memory_peaks(cuda)
     result.update(collect(spec, profile, gpu, meter, init_peaks, step_peaks, world_size))
     result.update(measure.environment(cuda, nvml))
+
+
+def deepspeed_estimate(profile, shape, plan) -> dict | None:
+    """DeepSpeed's own model-state estimators for the run, the report's baseline column."""
+    try:
+        from zeroplan.adapters.deepspeed_adapter import estimator_bytes
+
+        return estimator_bytes(profile, shape, plan)
+    except Exception as error:  # noqa: BLE001 - the baseline must never fail a training run
+        return {"reason": f"{type(error).__name__}: {error}"}
 
 
 def mean_over_ranks(value) -> float:
