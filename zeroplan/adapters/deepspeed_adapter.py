@@ -6,8 +6,12 @@ planner still answers where DeepSpeed is not installed.
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+import io
 import json
 import logging
+import sys
 from typing import Any
 
 from zeroplan.dsconfig import auto_fields, fill_auto, hf_auto_values
@@ -21,12 +25,27 @@ from zeroplan.profiles import ModelProfile
 _PLACEHOLDER_HIDDEN_SIZE = 4096
 
 
+def _import_deepspeed(module_name: str):
+    """Import a DeepSpeed module without its import-time log lines ("Setting accelerator to
+    CPU") reaching stdout, where they would corrupt `--json` output. DeepSpeed's log handler
+    binds sys.stdout when it is created, so the first import runs with stdout captured and the
+    handler is then pointed back at the real stdout: later DeepSpeed logging is untouched."""
+    if "deepspeed" in sys.modules:
+        return importlib.import_module(module_name)
+    captured = io.StringIO()
+    with contextlib.redirect_stdout(captured):
+        module = importlib.import_module(module_name)
+    for handler in logging.getLogger("DeepSpeed").handlers:
+        if isinstance(handler, logging.StreamHandler) and handler.stream is captured:
+            handler.setStream(sys.stdout)
+    return module
+
+
 def _deepspeed_config_class():
     try:
-        from deepspeed.runtime.config import DeepSpeedConfig
+        return _import_deepspeed("deepspeed.runtime.config").DeepSpeedConfig
     except ImportError as error:
         raise MissingDependency(f"deepspeed is not importable ({error}); install zeroplan[train]") from None
-    return DeepSpeedConfig
 
 
 def _run_quietly(function, *args):
@@ -132,8 +151,10 @@ def estimator_bytes(profile: ModelProfile, shape: TrainShape, plan: Plan) -> dic
     stage 0/1 estimator, so those use the ZeRO-2 formula (an under-estimate for stage 0/1, where
     gradients are not partitioned), said in `note`."""
     try:
-        from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
-        from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+        estimate_zero3_model_states_mem_needs = _import_deepspeed(
+            "deepspeed.runtime.zero.stage3").estimate_zero3_model_states_mem_needs
+        estimate_zero2_model_states_mem_needs = _import_deepspeed(
+            "deepspeed.runtime.zero.stage_1_and_2").estimate_zero2_model_states_mem_needs
     except ImportError as error:
         return {"zero2": None, "zero3": None, "for_stage": None,
                 "reason": f"deepspeed is not importable ({error}); its estimators were skipped"}

@@ -155,7 +155,7 @@ def diff_folder(out: Path, texts: dict[str, str]) -> list[str]:
 def command(
     out: Annotated[Path, typer.Option("--out", help="Folder to write the configs into.")],
     flavour: Annotated[Optional[str], typer.Option("--flavour", help="hf (\"auto\" where the HF Trainer fills) or concrete.")] = None,
-    spec: Annotated[Optional[Path], typer.Option("--spec", help="TOML file listing [[config]] tables.")] = None,
+    spec: Annotated[Optional[Path], typer.Option("--spec", help="TOML spec: one config table per file to write (see benchmarks/configsets/).")] = None,
     check: Annotated[bool, typer.Option("--check", help="Write nothing; exit 1 with a diff if the folder is out of date.")] = False,
 ):
     """Write tuned DeepSpeed configs (InternVL's set, or those a TOML spec lists), validated by DeepSpeed."""
