@@ -298,7 +298,8 @@ def fill_auto(config: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
 
 def _whole(value: Any, where: str) -> int:
     """An element count or batch number; JSON writes 1e9 as a float, which is fine when whole."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value != int(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or value != int(value):
         raise InvalidConfig(f"'{where}' must be a whole number, got {value!r}")
     return int(value)
 

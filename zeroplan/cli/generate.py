@@ -61,9 +61,9 @@ def read_spec(path: Path) -> tuple[str | None, list[dict[str, Any]]]:
 
 
 def _planned(profile, shape, base, entry: dict[str, Any]):
-    """Stage, micro-batch and accumulation from the planner, on the tuned base plan, so the
-    config holds exactly the buckets whose memory the planner predicted."""
-    from zeroplan.dsconfig import tuned_plan
+    """Stage, micro-batch and accumulation from the planner. Its candidates carry tuned buckets
+    (dsconfig.tuned_plan), and the config is rendered from the chosen plan as it is, so it holds
+    exactly the buckets whose memory the planner predicted."""
     from zeroplan.planner import recommend
     from zeroplan.profiles import DEFAULT_GPU, load_gpu
 
@@ -71,7 +71,7 @@ def _planned(profile, shape, base, entry: dict[str, Any]):
     global_batch = entry.get("global_batch")
     if global_batch is None:
         raise InvalidInput(f"{entry['model']}: without 'stage', give 'global_batch' for the planner")
-    best = recommend(profile, shape, tuned_plan(profile, shape, base.with_(stage=3)), gpu, global_batch).best
+    best = recommend(profile, shape, base, gpu, global_batch).best
     return best.plan, best.shape.micro_batch, best.gradient_accumulation
 
 
@@ -152,12 +152,15 @@ def diff_folder(out: Path, texts: dict[str, str]) -> list[str]:
     return diffs
 
 
-def command(
-    out: Annotated[Path, typer.Option("--out", help="Folder to write the configs into.")],
-    flavour: Annotated[Optional[str], typer.Option("--flavour", help="hf (\"auto\" where the HF Trainer fills) or concrete.")] = None,
-    spec: Annotated[Optional[Path], typer.Option("--spec", help="TOML spec: one config table per file to write (see benchmarks/configsets/).")] = None,
-    check: Annotated[bool, typer.Option("--check", help="Write nothing; exit 1 with a diff if the folder is out of date.")] = False,
-):
+Out = Annotated[Path, typer.Option("--out", help="Folder to write the configs into.")]
+Flavour = Annotated[Optional[str], typer.Option(
+    "--flavour", help="hf (\"auto\" where the HF Trainer fills; default without --spec) or concrete.")]
+Spec = Annotated[Optional[Path], typer.Option(
+    "--spec", help="TOML spec: one config table per file to write (see benchmarks/configsets/).")]
+Check = Annotated[bool, typer.Option("--check", help="Write nothing; exit 1 with a diff if the folder is out of date.")]
+
+
+def command(out: Out, flavour: Flavour = None, spec: Spec = None, check: Check = False):
     """Write tuned DeepSpeed configs (InternVL's set, or those a TOML spec lists), validated by DeepSpeed."""
     from zeroplan.atomic import write_files_atomic
     from zeroplan.dsconfig import FLAVOURS, config_set

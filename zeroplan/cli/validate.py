@@ -18,6 +18,10 @@ from zeroplan.cli import options as o
 from zeroplan.errors import DoesNotFit, InvalidConfig
 
 MAX_CONFIG_BYTES = 1 << 20
+AutoMicroBatch = Annotated[Optional[int], typer.Option(
+    "--micro-batch", help="Micro-batch where the config says \"auto\" (default 1).")]
+AutoAccumulation = Annotated[Optional[int], typer.Option(
+    "--grad-accum", help="Accumulation where the config says \"auto\" (default 1).")]
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -43,13 +47,15 @@ def read_config(path: Path) -> dict[str, Any]:
     try:
         config = json.loads(text, object_pairs_hook=_no_duplicates)
     except json.JSONDecodeError as error:
-        raise InvalidConfig(f"{path} is not valid JSON: {error.msg} at line {error.lineno} column {error.colno}") from None
+        raise InvalidConfig(f"{path} is not valid JSON: {error.msg} at line {error.lineno} "
+                            f"column {error.colno}") from None
     except InvalidConfig as error:
         raise InvalidConfig(f"{path}: {error}") from None
     except RecursionError:
         raise InvalidConfig(f"{path} is nested too deeply to be a DeepSpeed config") from None
     if not isinstance(config, dict):
-        raise InvalidConfig(f"{path} holds a JSON {type(config).__name__}, not an object; a DeepSpeed config is an object")
+        raise InvalidConfig(f"{path} holds a JSON {type(config).__name__}, not an object; "
+                            "a DeepSpeed config is an object")
     return config
 
 
@@ -84,8 +90,8 @@ def command(
     grad_ckpt: Annotated[bool, typer.Option("--grad-ckpt/--no-grad-ckpt", help="Gradient checkpointing.")] = True,
     freeze: o.Freeze = None,
     lora_rank: o.LoraRank = 0,
-    micro_batch: Annotated[Optional[int], typer.Option("--micro-batch", help="Micro-batch where the config says \"auto\" (default 1).")] = None,
-    grad_accum: Annotated[Optional[int], typer.Option("--grad-accum", help="Accumulation where the config says \"auto\" (default 1).")] = None,
+    micro_batch: AutoMicroBatch = None,
+    grad_accum: AutoAccumulation = None,
     json_out: o.Json = False,
 ):
     """Check a DeepSpeed config with DeepSpeed's own schema and predict whether it fits a model and cluster."""
