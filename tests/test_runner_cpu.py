@@ -135,7 +135,7 @@ def test_flops_count_backward_only_where_gradient_flows():
 def _check_result(result: dict, stage: int) -> None:
     missing = [key for key in STABLE_KEYS if key not in result]
     assert not missing, missing
-    assert result["status"] == "ok", result.get("reason")
+    assert result["status"] == "ok" and result["exit_code"] == 0, result.get("reason")
     assert (result["stage"], result["world_size"], result["model"]) == (stage, 2, "tiny")
     for key in ("tokens_per_s", "mfu", "step_time_s", "final_loss"):
         assert isinstance(result[key], float) and result[key] > 0, key
@@ -186,3 +186,20 @@ def test_a_failing_run_writes_an_error_result(tmp_path):
     result = run_spec(spec, tmp_path, timeout_s=RUN_TIMEOUT_S, env=CPU_ENV)
     assert result["status"] == "error" and "InvalidInput" in result["reason"]
     assert result["exit_code"] != 0 and result["final_loss"] is None
+
+
+def test_packed_samples_do_not_attend_across_their_boundary():
+    torch = pytest.importorskip("torch")
+    from zeroplan.adapters.hf_model import build_model
+
+    profile = load_model("tiny")
+    model = build_model(profile, "cpu", torch.float32, "sdpa").eval()
+    first, second = torch.randint(3, 900, (1, 12)), torch.randint(3, 900, (1, 10))
+    packed = torch.cat([first, second], dim=1)
+    positions = torch.cat([torch.arange(12), torch.arange(10)]).unsqueeze(0)
+    with torch.no_grad():  # use_cache=False as the runner trains: with a cache the packing is ignored
+        together = model(input_ids=packed, position_ids=positions, use_cache=False).logits[:, 12:]
+        alone = model(input_ids=second, use_cache=False).logits
+        leaky = model(input_ids=packed, use_cache=False).logits[:, 12:]
+    assert torch.allclose(together, alone, atol=1e-4)
+    assert not torch.allclose(leaky, alone, atol=1e-4)

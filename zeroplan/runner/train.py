@@ -111,6 +111,8 @@ def train(spec: RunSpec, cuda: bool, rank: int, world_size: int, local_rank: int
         inputs = {k: v.to(device) for k, v in batch.inputs.items()}
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
+        # No KV cache in training; with one, transformers also ignores packed position_ids.
+        inputs["use_cache"] = False
         with meter.step(batch):
             loss = engine(**inputs).loss
             engine.backward(loss)
@@ -238,17 +240,25 @@ def main(argv: list[str] | None = None) -> int:
     if rank == 0 or code != EXIT_OK:
         write_result(args.result, result)
     if code == EXIT_OK:
-        _destroy_process_group()
+        _wait_for_all_ranks()
     return code
 
 
-def _destroy_process_group() -> None:
+def _wait_for_all_ranks() -> None:
     import torch.distributed as dist
 
     if dist.is_initialized():
         dist.barrier()
-        dist.destroy_process_group()
+
+
+def exit_now(code: int) -> None:
+    """Leave without the interpreter's teardown: gloo's and DeepSpeed's CPU comm threads
+    sometimes abort in static destructors ("terminate called without an active exception")
+    after the result is safely written, which would turn a good run into a failed exit."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())
