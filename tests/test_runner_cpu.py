@@ -203,3 +203,24 @@ def test_packed_samples_do_not_attend_across_their_boundary():
         leaky = model(input_ids=packed, use_cache=False).logits[:, 12:]
     assert torch.allclose(together, alone, atol=1e-4)
     assert not torch.allclose(leaky, alone, atol=1e-4)
+
+
+def test_lora_with_frozen_towers_and_checkpointing_gets_gradients_only_where_trained():
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("peft")
+    from zeroplan.adapters.hf_model import build_model, image_token_id
+    from zeroplan.runner.data import batches
+    from zeroplan.runner.model import prepare_for_training, tower_of
+
+    profile = load_model("tiny")
+    spec = RunSpec(model="tiny", seq_len=64, tiles=2, frozen=("vision",), lora_rank=4, grad_ckpt=True)
+    model = prepare_for_training(build_model(profile, "cpu", torch.bfloat16, "sdpa"), spec, spec.shape())
+    batch = next(batches(profile, image_token_id(profile), spec, 0, 1))
+    inputs = {**batch.inputs, "pixel_values": batch.inputs["pixel_values"].to(torch.bfloat16), "use_cache": False}
+    model(**inputs).loss.backward()
+    trained = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trained and all("lora_" in name or tower_of(name) == "projector" for name in trained)
+    assert any(tower_of(name) == "projector" for name in trained)
+    assert not any(tower_of(name) == "vision" for name in trained)
+    assert all(p.grad is not None and bool(p.grad.abs().sum() > 0) for name, p in model.named_parameters()
+               if p.requires_grad and "lora_A" not in name)  # A's gradient is 0 while B starts at 0

@@ -2,7 +2,12 @@
 
 torchrun (`python -m torch.distributed.run`) and DeepSpeed's launcher (`python -m
 deepspeed.launcher.runner`) are both started through the current interpreter, so the command
-works without either script being on PATH.
+works without either script being on PATH. One spec by hand:
+
+    python -m zeroplan.runner.launch OUT_DIR model=1b stage=2 micro_batch=4 seq_len=8192 tiles=7 \
+        frozen='["vision"]' world_size=1 [launcher=deepspeed]
+
+(values are JSON where they parse as JSON, strings otherwise); prints the result JSON.
 """
 
 from __future__ import annotations
@@ -67,3 +72,29 @@ def run_spec(spec: RunSpec, workdir: str | os.PathLike, launcher: str = "torchru
         result = {"status": status or "error", "reason": f"no result written (exit {exit_code}); see {log_path}"}
     result["exit_code"] = exit_code
     return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one spec given as key=value pairs; print its result; exit 0 only when it is ok."""
+    args = sys.argv[1:] if argv is None else argv
+    if not args:
+        print(__doc__, file=sys.stderr)
+        return 2
+    fields, launcher = {}, "torchrun"
+    for pair in args[1:]:
+        key, _, text = pair.partition("=")
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = text
+        if key == "launcher":
+            launcher = value
+        else:
+            fields[key] = value
+    result = run_spec(RunSpec.from_dict(fields), args[0], launcher=launcher)
+    print(json.dumps(result, indent=1, sort_keys=True, default=str))
+    return 0 if result.get("status") == "ok" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

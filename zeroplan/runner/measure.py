@@ -71,10 +71,11 @@ class Nvml:
     def _handle(self, local_rank: int):
         import torch
 
-        bus_id = getattr(torch.cuda.get_device_properties(local_rank), "pci_bus_id", None)
-        if bus_id:
+        props = torch.cuda.get_device_properties(local_rank)
+        if all(hasattr(props, key) for key in ("pci_domain_id", "pci_bus_id", "pci_device_id")):
+            bus_id = f"{props.pci_domain_id:08X}:{props.pci_bus_id:02X}:{props.pci_device_id:02X}.0"
             with contextlib.suppress(self.pynvml.NVMLError):
-                return self.pynvml.nvmlDeviceGetHandleByPciBusId(str(bus_id))
+                return self.pynvml.nvmlDeviceGetHandleByPciBusId(bus_id)
         import os
 
         visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
