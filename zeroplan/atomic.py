@@ -49,23 +49,45 @@ def write_atomic(path: str | os.PathLike, content: str | bytes) -> None:
     write_files_atomic({path: content})
 
 
+def _make_parents(folder: Path, created: list[Path]) -> None:
+    """Create `folder` and its missing parents, adding each one made to `created` as it is made."""
+    missing = []
+    current = folder
+    while not current.exists() and current != current.parent:
+        missing.append(current)
+        current = current.parent
+    for path in reversed(missing):
+        path.mkdir(exist_ok=True)
+        created.append(path)
+
+
 def write_files_atomic(files: dict[str | os.PathLike, str | bytes]) -> None:
     """Write several files: every temporary file is written first and only then are they renamed
     into place, so a failure while writing (disk full, permissions) leaves no target touched and
-    no temporary file behind. Parent folders are created. The renames themselves are atomic one
-    by one, not as a group."""
+    no temporary file behind. Parent folders are created (and removed again on failure). The
+    renames themselves are atomic one by one, not as a group."""
     targets = {Path(path): _to_bytes(content) for path, content in files.items()}
     temps: dict[Path, Path] = {}
+    created: list[Path] = []
+    done = False
     try:
         for target, data in targets.items():
             if target.is_dir():
                 raise InvalidInput(f"cannot write {target}: it is a folder")
-            target.parent.mkdir(parents=True, exist_ok=True)
+            if target.exists() and not target.is_file():  # replacing /dev/null or a pipe would be a disaster
+                raise InvalidInput(f"cannot write {target}: it is not a regular file")
+            _make_parents(target.parent, created)
             temps[target] = _write_temp(target, data)
         for target, temp in temps.items():
             os.replace(temp, target)
+        done = True
     except OSError as error:
         raise InvalidInput(f"cannot write {error.filename or 'output'}: {error.strerror or error}") from None
     finally:
         for temp in temps.values():
             temp.unlink(missing_ok=True)
+        for folder in sorted(created, key=lambda p: len(p.parts), reverse=True) if not done else ():
+            try:
+                folder.rmdir()
+            except OSError:
+                pass

@@ -83,7 +83,8 @@ class Sweep:
     def __post_init__(self):
         if self.launcher not in LAUNCHERS:
             raise InvalidInput(f"launcher must be one of {', '.join(LAUNCHERS)}, got {self.launcher!r}")
-        if isinstance(self.timeout_s, bool) or not isinstance(self.timeout_s, (int, float)) or self.timeout_s <= 0:
+        if (isinstance(self.timeout_s, bool) or not isinstance(self.timeout_s, (int, float))
+                or not math.isfinite(self.timeout_s) or self.timeout_s <= 0):
             raise InvalidInput(f"timeout must be a positive number of seconds, got {self.timeout_s!r}")
 
 
@@ -139,8 +140,9 @@ def load_sweep(path: str | Path) -> Sweep:
         raise InvalidInput(f"sweep file {path} is larger than {MAX_SWEEP_BYTES} bytes")
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
-        raise InvalidInput(f"sweep file {path} is not valid TOML: {error}") from None
+    except (ValueError, RecursionError) as error:  # TOMLDecodeError, bad UTF-8, huge ints, deep nesting
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise InvalidInput(f"sweep file {path} is not valid TOML: {reason}") from None
     _reject_unknown(data, SWEEP_KEYS, str(path))
     grid_data, run_data = data.get("grid", {}), data.get("run", {})
     if not isinstance(grid_data, dict) or not isinstance(run_data, dict):
@@ -387,6 +389,8 @@ def pending(specs: list[RunSpec], results_path: Path) -> list[RunSpec]:
 
 def check_results_path(results_path: Path) -> None:
     """Fail before anything is written if the results file cannot be created or appended to."""
+    if any(len(os.fsencode(part)) > 255 for part in results_path.parts):  # NAME_MAX: mkdir would half-succeed
+        raise InvalidInput(f"results path {str(results_path)[:200]}: a name in it is longer than 255 bytes")
     if results_path.is_dir():
         raise InvalidInput(f"results path {results_path} is a directory")
     if results_path.exists():

@@ -142,7 +142,7 @@ def _decode(raw: bytes) -> dict[str, Any] | None:
         return None
     try:
         record = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (ValueError, RecursionError):  # bad UTF-8 or JSON, an integer past int()'s digit limit, deep nesting
         return None
     if not isinstance(record, dict) or not isinstance(record.get(POINT_ID_KEY), str):
         return None

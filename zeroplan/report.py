@@ -11,7 +11,6 @@ stage). Every file is written atomically. matplotlib is imported only when plott
 from __future__ import annotations
 
 import io
-import os
 import re
 import statistics
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from zeroplan import jsonl
+from zeroplan.atomic import write_files_atomic
 from zeroplan.errors import InvalidInput
 
 GIB = 1 << 30
@@ -384,19 +384,6 @@ def plot_throughput(model: str, points: list[Point]) -> bytes:
     return _png(figure)
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write a file so a reader sees the old one or the new one, never half of it."""
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(temp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
-
-
 @dataclass(frozen=True)
 class ReportFiles:
     """What a report wrote, and the error summaries it printed."""
@@ -412,19 +399,15 @@ def write_report(results_path: str | Path, out_dir: str | Path, report_command: 
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise InvalidInput(f"report folder {out_dir} is a file")
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise InvalidInput(f"cannot create report folder {out_dir}: {error.strerror}") from None
-    plots: list[Path] = []
+    files: dict[Path, bytes] = {}  # everything is rendered before anything is written
     for model in _models(points):
         of_model = [point for point in points if point.model == model]
         for kind, plot in (("memory", plot_memory), ("throughput", plot_throughput)):
-            path = out_dir / f"{kind}_{slug(model)}.png"
-            write_atomic(path, plot(model, of_model))
-            plots.append(path)
+            files[out_dir / f"{kind}_{slug(model)}.png"] = plot(model, of_model)
+    plots = list(files)
     markdown = render_markdown(points, str(results_path), report_command, [path.name for path in plots])
     readme = out_dir / "README.md"
-    write_atomic(readme, markdown.encode("utf-8"))
+    files[readme] = markdown.encode("utf-8")
+    write_files_atomic(files)
     _, ours, theirs = prediction_rows(points)
     return ReportFiles(readme, tuple(plots), (ours, theirs))

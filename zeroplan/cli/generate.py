@@ -40,7 +40,7 @@ def read_spec(path: Path) -> tuple[str | None, list[dict[str, Any]]]:
         if path.stat().st_size > MAX_SPEC_BYTES:
             raise InvalidInput(f"spec {path} is larger than 1 MiB")
         data = tomllib.loads(path.read_bytes().decode("utf-8"))
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as error:
+    except (OSError, ValueError, RecursionError) as error:  # TOMLDecodeError, bad UTF-8, huge ints are ValueErrors
         raise InvalidInput(f"cannot read spec {path}: {str(error).splitlines()[0] if str(error) else error}") from None
     entries = data.get("config")
     if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) for e in entries):

@@ -56,9 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     except click_exceptions.UsageError as error:
         print(f"zeroplan: error: {_one_line(error.format_message())}", file=sys.stderr)
         return 2
-    except click_exceptions.Exit as error:
+    except typer.Exit as error:  # typer >= 0.20 keeps Exit and Abort in typer.exceptions, not its click copy
         return error.exit_code
-    except click_exceptions.Abort:
+    except typer.Abort:
         print("zeroplan: aborted", file=sys.stderr)
         return 130
     except click_exceptions.ClickException as error:
@@ -66,6 +66,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except BrokenPipeError:
         return 0
+    except OSError as error:  # a path the file system refuses (name too long, ...) that no verb caught
+        path = _one_line(error.filename)[:200] if error.filename else "a path"
+        print(f"zeroplan: error: cannot use {path}: {_one_line(error.strerror or error)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("zeroplan: interrupted", file=sys.stderr)
         return 130

@@ -53,6 +53,8 @@ def read_config(path: Path) -> dict[str, Any]:
         raise InvalidConfig(f"{path}: {error}") from None
     except RecursionError:
         raise InvalidConfig(f"{path} is nested too deeply to be a DeepSpeed config") from None
+    except ValueError as error:  # an integer too long for int(), past Python's digit limit
+        raise InvalidConfig(f"{path} is not a usable JSON config: {str(error).splitlines()[0]}") from None
     if not isinstance(config, dict):
         raise InvalidConfig(f"{path} holds a JSON {type(config).__name__}, not an object; "
                             "a DeepSpeed config is an object")
