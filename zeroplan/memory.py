@@ -20,9 +20,9 @@ from zeroplan.profiles import GPUProfile, ModelProfile
 
 BF16 = 2
 FP32 = 4
-# PyTorch's caching allocator rounds every block above 1 MiB up to a 2 MiB multiple and keeps
-# freed blocks cached; with no calibration this is the share of the peak it reserves on top.
-DEFAULT_RESERVED_SLACK = 0.03
+# Reserved minus allocated at the peak, in fp32 logits blocks (see reserved_bytes); 2.5 is what
+# reports/h100_check showed on an H100 (torch 2.11) before any calibration.
+DEFAULT_FRAGMENTATION_BLOCKS = 2.5
 
 
 @dataclass(frozen=True)
@@ -109,28 +109,59 @@ def step_transient_bytes(profile: ModelProfile, shape: TrainShape, plan: Plan) -
 
 
 def _full_grad_of_lm_head(profile: ModelProfile, shape: TrainShape, plan: Plan) -> int:
-    """Under ZeRO-0 the LM head's bf16 gradient is the first one backward produces and stays until
-    the step (ZeRO-1/2 reduce it into the bucket counted with the buffers, in DeepSpeed 0.19.8)."""
-    if plan.stage > 0 or not shape.trains("llm") or profile.llm.tie_word_embeddings:
+    """The LM head's bf16 gradient, the first one backward produces: under ZeRO-0 it stays until
+    the step; under ZeRO-1/2 it is alive when it is copied into the bucket; ZeRO-3 reduces it at once."""
+    if plan.stage == 3 or not shape.trains("llm") or profile.llm.tie_word_embeddings:
         return 0
     return BF16 * profile.llm.vocab_size * profile.llm.hidden_size
 
 
-def _phases(static: int, acts: ActivationBytes, grads_transient: int, buffers: int, step: int,
+def _phases(plan: Plan, states: ModelStateBytes, acts: ActivationBytes, buffers: int, step: int,
             lm_head_grad: int) -> dict[str, int]:
-    """Allocated bytes at the moments that can hold the peak.
+    """Allocated bytes at the moments that can hold the peak, with what DeepSpeed 0.19.8 holds then.
 
-    forward-loss: every saved activation plus the loss's logits in bf16 and fp32.
-    backward-start: saved activations, the loss's fp32 gradients, the gradient buckets.
+    Always resident: 16-bit params, fp32 master weights and Adam states. ZeRO-3's gradient
+    partitions and reduce bucket are allocated once at init (stage3.py __init__) and stay. ZeRO-1/2
+    allocate their bucket buffers at the first gradient hook (setup_buckets, after the loss's
+    backward) and the reduced slice (grads_in_partition) at the first reduce; both are released
+    when the step begins (_release_ipg_buffers). ZeRO-0 keeps full bf16 gradients until the step.
+
+    forward-loss: saved activations plus the loss's logits in bf16 and fp32.
+    backward-start: saved activations and the loss's fp32 gradients (no ZeRO-1/2 bucket yet).
+    backward-buckets: (ZeRO-1/2) the buckets, the reduced slice and the LM head's gradient.
     backward-recompute: the first checkpointed layer recomputed on top of what is saved.
-    optimizer-step: activations freed; full gradients (ZeRO-0/1), buckets and the fp32 cast."""
-    return {
-        "forward-loss": static + acts.saved + acts.logits_forward_transient,
-        "backward-start": static + acts.saved + acts.logits_backward_transient + buffers + lm_head_grad,
-        "backward-recompute": static + acts.saved + acts.recompute_transient + buffers + lm_head_grad,
-        "vision-forward": static + acts.vision_forward_transient,
-        "optimizer-step": static + grads_transient + buffers + step,
+    optimizer-step: activations freed; gradients, the fp32 copy Adam reads and (ZeRO-1/2) the bf16
+    flat copy of the slice (get_flat_partition) it is made from."""
+    resident = states.params + states.master_weights + states.optimizer_states
+    if plan.stage == 3:
+        resident += states.grads + buffers
+    early_buffers = buffers if plan.stage == 0 else 0
+    zero0_grad = lm_head_grad if plan.stage == 0 else 0
+    phases = {
+        "forward-loss": resident + acts.saved + acts.logits_forward_transient,
+        "backward-start": resident + acts.saved + acts.logits_backward_transient + zero0_grad + early_buffers,
+        "backward-recompute": resident + acts.saved + acts.recompute_transient + zero0_grad,
+        "vision-forward": resident + acts.vision_forward_transient,
     }
+    if plan.stage == 0:
+        phases["optimizer-step"] = resident + states.grads + step
+    elif plan.stage in (1, 2):
+        flat_copy = BF16 * states.partition_elems if plan.offload_optimizer == "none" else 0
+        phases["backward-buckets"] = resident + acts.saved + buffers + states.grads + lm_head_grad
+        phases["optimizer-step"] = resident + states.grads + step + flat_copy
+    else:
+        phases["optimizer-step"] = resident + step
+    return phases
+
+
+def reserved_bytes(peak_allocated: int, largest_transient_block: int, gpu: GPUProfile) -> int:
+    """What PyTorch's caching allocator reserves at the peak. Freed blocks stay cached; the loss's
+    fp32 vocabulary-wide tensors (log-softmax output, its gradient, the input gradient: one block
+    each of tokens × vocab × 4 bytes) are freed mid-backward and cannot serve the later, differently
+    sized requests, so the reserved peak exceeds the allocated one by about that many blocks.
+    `fragmentation_blocks` is measured per device and allocator by `zeroplan calibrate`."""
+    blocks = float(gpu.calibrated.get("fragmentation_blocks", DEFAULT_FRAGMENTATION_BLOCKS))
+    return int(peak_allocated + blocks * largest_transient_block)
 
 
 def estimate(profile: ModelProfile, shape: TrainShape, plan: Plan, gpu: GPUProfile) -> MemoryBreakdown:
@@ -142,17 +173,11 @@ def estimate(profile: ModelProfile, shape: TrainShape, plan: Plan, gpu: GPUProfi
     acts = activation_bytes(profile, shape)
     buffers = communication_buffer_bytes(profile, plan, states.partition_elems * plan.world_size)
     step = step_transient_bytes(profile, replace(shape, micro_batch=1, grad_ckpt=False), plan)
-    # ZeRO-1/2/3 keep their reduced gradient slice (grads_in_partition / the stage-3 flat buffer)
-    # across steps; ZeRO-0 holds full gradients from backward until the step, while the
-    # activations are being freed.
-    persistent_grads = states.grads if plan.stage >= 1 else 0
-    static = states.params + states.master_weights + states.optimizer_states + persistent_grads
-    phases = _phases(static, acts, states.grads - persistent_grads, buffers, step,
-                     _full_grad_of_lm_head(profile, shape, plan))
+    phases = _phases(plan, states, acts, buffers, step, _full_grad_of_lm_head(profile, shape, plan))
     phase = max(phases, key=phases.__getitem__)
     peak_allocated = phases[phase]
-    slack = float(gpu.calibrated.get("reserved_slack", DEFAULT_RESERVED_SLACK))
-    peak_reserved = int(peak_allocated * (1 + slack))
+    logits_block = FP32 * shape.micro_batch * shape.seq_len * profile.llm.vocab_size
+    peak_reserved = reserved_bytes(peak_allocated, logits_block, gpu)
     context = int(gpu.calibrated.get("cuda_context_bytes", gpu.cuda_context_bytes))
     return MemoryBreakdown(
         params=states.params, grads=states.grads, master_weights=states.master_weights,

@@ -58,6 +58,39 @@ class StepMeter:
             torch.cuda.synchronize()
 
 
+@dataclass
+class PhasePeaks:
+    """Peak allocated / reserved bytes of each phase of a step (forward, backward, step), the
+    maximum over steps. The allocator's peak counters are reset when a phase starts; they count
+    allocations as the host issues them, so no synchronisation is needed. The step's overall peak
+    is the largest phase peak, which tells which moment of the step the memory model must get right."""
+
+    cuda: bool
+    allocated: dict = field(default_factory=dict)
+    reserved: dict = field(default_factory=dict)
+    at_start: dict = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        """Context around one phase of a step."""
+        if not self.cuda:
+            yield
+            return
+        import torch
+
+        start = int(torch.cuda.memory_allocated())
+        torch.cuda.reset_peak_memory_stats()
+        yield
+        self.allocated[name] = max(self.allocated.get(name, 0), int(torch.cuda.max_memory_allocated()))
+        self.reserved[name] = max(self.reserved.get(name, 0), int(torch.cuda.max_memory_reserved()))
+        self.at_start[name] = max(self.at_start.get(name, 0), start)
+
+    def as_dict(self) -> dict:
+        """Per-phase peaks, for the result JSON."""
+        return {"allocated": dict(self.allocated), "reserved": dict(self.reserved),
+                "allocated_at_start": dict(self.at_start)}
+
+
 class Nvml:
     """NVML's view of this rank's GPU (device memory used, driver), when nvidia-ml-py works."""
 

@@ -87,6 +87,7 @@ def train(spec: RunSpec, cuda: bool, rank: int, world_size: int, local_rank: int
     result.update(measure.environment(cuda, None))
     result.update(gpu_profile=gpu.name, **measure.prediction(profile, shape, plan, gpu))
     result["deepspeed_estimator_bytes"] = deepspeed_estimate(profile, shape, plan)
+    result.update(predicted_step(profile, shape, plan, gpu))
     client = spec.offload_optimizer == "none"
     ds_config, source = deepspeed_config(profile, shape, plan, spec.micro_batch, spec.lr, client)
     result.update(ds_config=ds_config, ds_config_source=source)
@@ -104,6 +105,7 @@ def train(spec: RunSpec, cuda: bool, rank: int, world_size: int, local_rank: int
 
     nvml = measure.open_nvml(cuda, local_rank)
     meter = measure.StepMeter(profile, shape, cuda, nvml)
+    phases = measure.PhasePeaks(cuda)
     batches = data.batches(profile, image_token_id, spec, rank, world_size)
     losses = result.setdefault("losses", [])
     for _ in range(spec.steps):
@@ -114,14 +116,30 @@ def train(spec: RunSpec, cuda: bool, rank: int, world_size: int, local_rank: int
         # No KV cache in training; with one, transformers also ignores packed position_ids.
         inputs["use_cache"] = False
         with meter.step(batch):
-            loss = engine(**inputs).loss
-            engine.backward(loss)
-            engine.step()
+            with phases.phase("forward"):
+                loss = engine(**inputs).loss
+            with phases.phase("backward"):
+                engine.backward(loss)
+            with phases.phase("step"):
+                engine.step()
         losses.append(mean_over_ranks(loss.detach().float()))
 
     step_peaks = measure.memory_peaks(cuda)
+    if phases.allocated:  # the counters were reset per phase: the steps' peak is the largest phase's
+        step_peaks.update(peak_allocated_bytes=max(phases.allocated.values()),
+                          peak_reserved_bytes=max(phases.reserved.values()))
     result.update(collect(spec, profile, gpu, meter, init_peaks, step_peaks, world_size))
+    result["per_rank_phase_peaks"] = measure.gather_to_all(phases.as_dict())
     result.update(measure.environment(cuda, nvml))
+
+
+def predicted_step(profile, shape, plan, gpu) -> dict:
+    """zeroplan's step-time model for one micro-step of the run (no accumulation)."""
+    from zeroplan.steptime import step_time
+
+    time = step_time(profile, shape, plan, gpu, 1)
+    return {"predicted_step_time_s": time.step_s, "predicted_tokens_per_s": time.tokens_per_s,
+            "predicted_mfu": time.mfu, "predicted_step": time.as_dict()}
 
 
 def deepspeed_estimate(profile, shape, plan) -> dict | None:
