@@ -60,6 +60,7 @@ class Grid:
     seed: int = 0
     attn_implementation: str = "sdpa"
     packed: bool = False
+    fixed_tiles: bool = False
 
     def __post_init__(self):
         for axis in ("models", "stages", "micro_batches", "grad_ckpt", "offloads", "seq_lens", "tiles",
@@ -116,6 +117,7 @@ def expand(grid: Grid) -> list[RunSpec]:
                        offload_optimizer=offload_optimizer, offload_params=offload_params,
                        steps=grid.steps, warmup_steps=grid.warmup_steps, gpu=grid.gpu, dataset=grid.dataset,
                        seed=grid.seed, attn_implementation=grid.attn_implementation, packed=grid.packed,
+                       fixed_tiles=grid.fixed_tiles,
                        world_size=grid.world_size)
         if spec.point_id() not in seen:
             seen.add(spec.point_id())
@@ -126,7 +128,8 @@ def expand(grid: Grid) -> list[RunSpec]:
 GRID_KEYS = {"models": "models", "stages": "stages", "micro_batch": "micro_batches", "grad_ckpt": "grad_ckpt",
              "offload": "offloads", "seq_len": "seq_lens", "tiles": "tiles", "frozen": "frozen",
              "lora_rank": "lora_ranks"}
-RUN_KEYS = ("steps", "warmup_steps", "world_size", "gpu", "dataset", "seed", "attn_implementation", "packed")
+RUN_KEYS = ("steps", "warmup_steps", "world_size", "gpu", "dataset", "seed", "attn_implementation", "packed",
+            "fixed_tiles")
 SWEEP_KEYS = ("name", "description", "launcher", "timeout_s", "grid", "run")
 
 

@@ -163,6 +163,7 @@ def throughput(records: list[StepRecord], warmup_steps: int, world_size: int, pe
     return {
         "step_time_s": statistics.median(r.seconds for r in measured),
         "step_times_s": [r.seconds for r in records],
+        "step_tiles": [r.tiles for r in records],
         "measured_steps": len(measured),
         "tokens_per_s": rate(total["text_tokens"] + total["image_tokens"]),
         "text_tokens_per_s": rate(total["text_tokens"]),
