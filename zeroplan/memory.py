@@ -20,9 +20,9 @@ from zeroplan.profiles import GPUProfile, ModelProfile
 
 BF16 = 2
 FP32 = 4
-# Reserved minus allocated at the peak, in fp32 logits blocks (see reserved_bytes); 2.5 is what
-# reports/h100_check showed on an H100 (torch 2.11) before any calibration.
-DEFAULT_FRAGMENTATION_BLOCKS = 2.5
+# Reserved minus allocated at the peak, in fp32 logits blocks (see reserved_bytes), until
+# `zeroplan calibrate` measures it for a device: the two blocks that outlive the loss's backward.
+DEFAULT_FRAGMENTATION_BLOCKS = 2.0
 
 
 @dataclass(frozen=True)

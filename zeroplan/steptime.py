@@ -15,6 +15,9 @@ micro-batch per GPU, plus what a stage does once per step. The figures per term:
   the gradients at every micro-step (about 1.5× ZeRO-2). Gradient reduction overlaps backward when
   overlap_comm is on; ZeRO-3's all-gathers overlap compute through prefetch; what exceeds the
   compute it hides behind is exposed;
+- per-layer fixed cost: every transformer layer (vision and LLM) launches dozens of small kernels
+  and runs Python module code in forward, backward and recomputation, a cost per layer and
+  micro-step that does not shrink with the batch; `layer_overhead_s` (calibrated);
 - ZeRO-3's bookkeeping: every module with partitioned parameters runs DeepSpeed's pre/post hooks
   in forward and backward (fetch, all-gather launch, wait, release, allocation of the gathered
   buffer), a fixed cost per module per pass that does not shrink with the world size (it is there
@@ -41,6 +44,7 @@ ADAM_BYTES_PER_ELEM = 32
 # Until calibrated: 0.3 ms per module per micro-step (forward + backward hooks), what a plain
 # transformers + DeepSpeed loop showed on one H100 for InternVL 2B (ZeRO-1 18 % MFU, ZeRO-3 12 %).
 DEFAULT_STAGE3_MODULE_OVERHEAD_S = 3e-4
+DEFAULT_LAYER_OVERHEAD_S = 0.0
 
 
 @dataclass(frozen=True)
@@ -152,7 +156,9 @@ def step_time(profile: ModelProfile, shape: TrainShape, plan: Plan, gpu: GPUProf
         gpu.hbm_bandwidth_gbps * 1e9)
     if shape.grad_ckpt:
         memory_bound *= 1.5
-    micro = compute + memory_bound + stage3_overhead_seconds(profile, plan, gpu)
+    layers = profile.vision.num_layers + profile.llm.num_layers
+    layer_overhead = layers * float(gpu.calibrated.get("layer_overhead_s", DEFAULT_LAYER_OVERHEAD_S))
+    micro = compute + memory_bound + layer_overhead + stage3_overhead_seconds(profile, plan, gpu)
     every_micro, once, serial = communication_seconds(profile, shape, plan, gpu)
     overlap = plan.overlap_comm or plan.stage == 3
     exposed_micro = _exposed(every_micro, micro, overlap)

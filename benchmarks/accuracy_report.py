@@ -1,0 +1,184 @@
+"""Issue 5's accuracy matrix: every GPU run under reports/h100_*/ predicted by zeroplan with and
+without the H100's calibrated constants, beside DeepSpeed's own estimator, and the step-time model
+beside the measured step times. Pure zeroplan core, no GPU needed:
+
+    .venv/bin/python benchmarks/accuracy_report.py            # writes reports/accuracy/
+
+The calibration came from reports/h100_check, h100_matrix_long and h100_stages_4b (see the [calibrated]
+table of profiles/gpus/h100-80gb.toml); the other sweeps are out of sample for it.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import statistics
+import sys
+from dataclasses import replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+from zeroplan.atomic import write_files_atomic
+from zeroplan.calibrate import points_from_records
+from zeroplan.jsonl import read
+from zeroplan.memory import estimate
+from zeroplan.profiles import load_gpu, load_model
+from zeroplan.steptime import step_time
+
+CALIBRATION_SWEEPS = ("h100_check", "h100_matrix_long", "h100_stages_4b")
+GIB = 2**30
+
+
+def rows_for(sweep: Path, calibrated, plain) -> list[dict]:
+    records = read(sweep / "results.jsonl").records
+    rows = []
+    for record in records:
+        status = record["status"]
+        ok = points_from_records([record])
+        point = ok[0] if ok else None
+        if point is None:
+            fake = dict(record, status="ok", measured_peak_allocated_bytes=1, measured_peak_reserved_bytes=1,
+                        step_time_s=record.get("step_time_s") or 0.0)
+            point = points_from_records([fake])[0]
+        profile = load_model(point.model)
+        with_cal = estimate(profile, point.shape, point.plan, calibrated)
+        without = estimate(profile, point.shape, point.plan, plain)
+        time_cal = step_time(profile, point.shape, point.plan, calibrated, 1)
+        time_plain = step_time(profile, point.shape, point.plan, plain, 1)
+        baseline = ((record.get("deepspeed_estimator_bytes") or {}).get("for_stage") or {}).get("gpu_bytes")
+        spec = record["spec"]
+        row = {
+            "sweep": sweep.name, "model": record["model"], "stage": spec["stage"], "micro_batch": spec["micro_batch"],
+            "seq_len": spec["seq_len"], "tiles": spec["tiles"], "fixed_tiles": spec.get("fixed_tiles", False),
+            "grad_ckpt": spec["grad_ckpt"], "frozen": spec.get("frozen", []), "lora_rank": spec.get("lora_rank", 0),
+            "offload_optimizer": spec.get("offload_optimizer", "none"), "status": status,
+            "in_calibration_set": sweep.name in CALIBRATION_SWEEPS,
+            "predicted_allocated": with_cal.peak_allocated, "predicted_reserved_calibrated": with_cal.peak_reserved,
+            "predicted_reserved_uncalibrated": without.peak_reserved,
+            "predicted_peak_calibrated": with_cal.peak, "predicted_peak_uncalibrated": without.peak,
+            "capacity": calibrated.memory_bytes, "deepspeed_estimator": baseline,
+            "predicted_step_s_calibrated": time_cal.step_s, "predicted_step_s_uncalibrated": time_plain.step_s,
+        }
+        if status == "ok":
+            measured_alloc, measured_res = record["measured_peak_allocated_bytes"], record["measured_peak_reserved_bytes"]
+            row.update(measured_allocated=measured_alloc, measured_reserved=measured_res,
+                       measured_nvml_used=record.get("nvml_peak_used_bytes"), measured_step_s=record["step_time_s"],
+                       mfu=record.get("mfu"),
+                       error_allocated=(with_cal.peak_allocated - measured_alloc) / measured_alloc,
+                       error_reserved_calibrated=(with_cal.peak_reserved - measured_res) / measured_res,
+                       error_reserved_uncalibrated=(without.peak_reserved - measured_res) / measured_res,
+                       error_deepspeed=(baseline - measured_alloc) / measured_alloc if baseline else None,
+                       error_step_calibrated=(time_cal.step_s - record["step_time_s"]) / record["step_time_s"],
+                       error_step_uncalibrated=(time_plain.step_s - record["step_time_s"]) / record["step_time_s"])
+        rows.append(row)
+    return rows
+
+
+def summary(values: list[float]) -> str:
+    if not values:
+        return "n/a"
+    absolute = [abs(v) for v in values]
+    return f"median {statistics.median(absolute):.1%}, worst {max(absolute):.1%} (n={len(values)})"
+
+
+def label(row: dict) -> str:
+    parts = [f"mb{row['micro_batch']}", f"{row['seq_len']} tok", f"{row['tiles']}{'' if row['fixed_tiles'] else '~'} tiles",
+             "ckpt" if row["grad_ckpt"] else "no ckpt"]
+    if row["frozen"]:
+        parts.append("frozen " + "+".join(row["frozen"]))
+    if row["lora_rank"]:
+        parts.append(f"LoRA {row['lora_rank']}")
+    if row["offload_optimizer"] != "none":
+        parts.append("opt offload")
+    return ", ".join(parts)
+
+
+def pct(value) -> str:
+    return "—" if value is None else f"{value:+.1%}"
+
+
+def mfu(row: dict) -> str:
+    return "—" if row.get("mfu") is None else f"{row['mfu']:.1%}"
+
+
+def gib(value) -> str:
+    return "—" if value is None else f"{value / GIB:.2f}"
+
+
+def render(rows: list[dict], device: str, when: str) -> str:
+    ok = [r for r in rows if r["status"] == "ok"]
+    out_of_sample = [r for r in ok if not r["in_calibration_set"]]
+    fixed = [r for r in ok if r["fixed_tiles"] or r["tiles"] <= 1]
+    lines = [
+        "# Accuracy of zeroplan's memory and step-time models on one H100",
+        "",
+        f"- device: {device}; runs made on {when} (see each sweep's results.jsonl for its date and versions)",
+        "- produced by: `.venv/bin/python benchmarks/accuracy_report.py` from `reports/h100_*/results.jsonl`",
+        "- measured peak allocated = `torch.cuda.max_memory_allocated()` over the training steps; reserved = "
+        "`torch.cuda.max_memory_reserved()`; DeepSpeed's estimator = `estimate_zero2/3_model_states_mem_needs` "
+        "for the run's stage (model states only, so its error shows what it leaves out)",
+        "- calibrated = the [calibrated] constants of profiles/gpus/h100-80gb.toml, fitted by `zeroplan calibrate` "
+        f"on {', '.join(CALIBRATION_SWEEPS)}; uncalibrated = the same profile without them",
+        "- `~` tiles: the sweep drew 4-10 tiles per sample around that mean, so the peak step can hold more tiles than "
+        "the prediction assumes; the fixed-tile reruns (h100_fixed_tiles) isolate that",
+        "",
+        "## Summary",
+        "",
+        f"- peak allocated, every run: {summary([r['error_allocated'] for r in ok])}",
+        f"- peak allocated, runs with exactly the predicted tiles: {summary([r['error_allocated'] for r in fixed])}",
+        f"- peak allocated, out of the calibration set: {summary([r['error_allocated'] for r in out_of_sample])}",
+        f"- under-estimates of peak allocated by more than 5 %: "
+        f"{sum(1 for r in ok if r['error_allocated'] < -0.05)} of {len(ok)}",
+        f"- peak reserved, calibrated: {summary([r['error_reserved_calibrated'] for r in ok])}; uncalibrated: "
+        f"{summary([r['error_reserved_uncalibrated'] for r in ok])}",
+        f"- DeepSpeed's estimator against peak allocated: "
+        f"{summary([r['error_deepspeed'] for r in ok if r['error_deepspeed'] is not None])}",
+        f"- step time, calibrated: {summary([r['error_step_calibrated'] for r in ok if r['offload_optimizer'] == 'none'])}; "
+        f"uncalibrated: {summary([r['error_step_uncalibrated'] for r in ok if r['offload_optimizer'] == 'none'])}",
+    ]
+    ooms = [r for r in rows if r["status"] == "oom"]
+    predicted_oom = sum(1 for r in ooms if r["predicted_peak_calibrated"] > r["capacity"])
+    fits_ok = sum(1 for r in ok if r["predicted_peak_calibrated"] <= r["capacity"])
+    lines += [
+        f"- out-of-memory runs the model called 'does not fit': {predicted_oom} of {len(ooms)}; finished runs it "
+        f"called 'fits': {fits_ok} of {len(ok)}",
+        "",
+        "## Every run",
+        "",
+        "| sweep | model | stage | shape | status | measured alloc GiB | predicted alloc GiB | error | measured reserved GiB "
+        "| predicted reserved (cal / uncal) GiB | error (cal / uncal) | DeepSpeed estimator GiB | its error | "
+        "measured step s | predicted step s (cal / uncal) | MFU |",
+        "|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['sweep']}{' (cal)' if r['in_calibration_set'] else ''} | {r['model']} | {r['stage']} | {label(r)} "
+            f"| {r['status']} | {gib(r.get('measured_allocated'))} | {gib(r['predicted_allocated'])} "
+            f"| {pct(r.get('error_allocated'))} | {gib(r.get('measured_reserved'))} "
+            f"| {gib(r['predicted_reserved_calibrated'])} / {gib(r['predicted_reserved_uncalibrated'])} "
+            f"| {pct(r.get('error_reserved_calibrated'))} / {pct(r.get('error_reserved_uncalibrated'))} "
+            f"| {gib(r['deepspeed_estimator'])} | {pct(r.get('error_deepspeed'))} "
+            f"| {r.get('measured_step_s') or 0:.3f} | {r['predicted_step_s_calibrated']:.3f} / "
+            f"{r['predicted_step_s_uncalibrated']:.3f} | {mfu(r)} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    calibrated = load_gpu("h100")
+    plain = replace(calibrated, calibrated={})
+    rows = []
+    for folder in sorted(glob.glob("reports/h100_*")):
+        if Path(folder, "results.jsonl").is_file():
+            rows += rows_for(Path(folder), calibrated, plain)
+    device = Path("reports/h100_check/device.txt").read_text().strip().replace("\n", "; ")
+    when = sorted({json.loads(line)["date"][:10] for f in glob.glob("reports/h100_*/results.jsonl")
+                   for line in open(f) if line.strip()})
+    text = render(rows, device, ", ".join(when))
+    write_files_atomic({"reports/accuracy/README.md": text,
+                        "reports/accuracy/rows.json": json.dumps(rows, indent=1) + "\n"})
+    print(text.split("## Every run")[0])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
