@@ -45,6 +45,15 @@ class Point:
         return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
+def deepspeed_estimate(point) -> float | None:
+    """DeepSpeed's estimator for the point's stage: the runner stores DeepSpeed's figures as
+    {"for_stage": {"gpu_bytes": ...}, "zero2": ..., "zero3": ...}; older records held a number."""
+    value = point.record.get("deepspeed_estimator_bytes")
+    if isinstance(value, dict):
+        value = (value.get("for_stage") or {}).get("gpu_bytes")
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
 @dataclass(frozen=True)
 class ErrorSummary:
     """How far one predictor is from the measured peaks: signed errors in percent, per point."""
@@ -221,7 +230,7 @@ def prediction_rows(points: list[Point]) -> tuple[list[str], ErrorSummary, Error
     ours: list[float] = []
     theirs: list[float] = []
     for point in sorted(points, key=lambda p: (_models(points).index(p.model), p.shape, p.stage)):
-        predicted, estimator = predicted_allocated(point), point.number("deepspeed_estimator_bytes")
+        predicted, estimator = predicted_allocated(point), deepspeed_estimate(point)
         measured = _measured(point, "measured_peak_allocated_bytes")
         error, estimator_error = _error_pct(predicted, measured), _error_pct(estimator, measured)
         ours += [error] if error is not None else []
