@@ -1,0 +1,21 @@
+"""Shared test set-up: GPU-only tests are skipped where no CUDA device is visible."""
+
+import pytest
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip tests marked `gpu` on machines without a CUDA GPU (CI, developer laptops)."""
+    if _cuda_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
