@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -93,23 +93,26 @@ def command(
     lora_rank: o.LoraRank = 0,
     offload_optimizer: Annotated[str, typer.Option("--offload-optimizer", help="none, cpu or nvme.")] = "none",
     offload_params: Annotated[str, typer.Option("--offload-params", help="none, cpu or nvme (stage 3).")] = "none",
-    reduce_bucket: Annotated[int, typer.Option("--reduce-bucket", help="reduce_bucket_size (elements).")] = 500_000_000,
-    prefetch_bucket: Annotated[int, typer.Option("--prefetch-bucket", help="stage3_prefetch_bucket_size.")] = 50_000_000,
-    max_live: Annotated[int, typer.Option("--max-live", help="stage3_max_live_parameters.")] = 1_000_000_000,
-    persistence: Annotated[int, typer.Option("--persistence", help="stage3_param_persistence_threshold.")] = 100_000,
+    reduce_bucket: Annotated[Optional[int], typer.Option("--reduce-bucket", help="reduce_bucket_size (elements); default: tuned to the model.")] = None,
+    prefetch_bucket: Annotated[Optional[int], typer.Option("--prefetch-bucket", help="stage3_prefetch_bucket_size; default: tuned.")] = None,
+    max_live: Annotated[Optional[int], typer.Option("--max-live", help="stage3_max_live_parameters; default: tuned.")] = None,
+    persistence: Annotated[Optional[int], typer.Option("--persistence", help="stage3_param_persistence_threshold; default: tuned.")] = None,
     json_out: o.Json = False,
 ):
     """Per-GPU memory of one plan: breakdown, peak, capacity and DeepSpeed's own estimate beside it."""
+    from zeroplan.dsconfig import tuned_plan
     from zeroplan.gpus import choose_gpu
     from zeroplan.memory import estimate
     from zeroplan.profiles import load_model
 
     profile = load_model(model)
     shape = o.build_shape(micro_batch, seq_len, tiles, grad_ckpt, freeze, lora_rank, profile)
-    plan = o.build_plan(stage, gpus, nodes, gpus_per_node, offload_optimizer, offload_params,
-                        reduce_bucket_elems=reduce_bucket, allgather_bucket_elems=reduce_bucket,
-                        prefetch_bucket_elems=prefetch_bucket, max_live_params=max_live,
-                        param_persistence_threshold=persistence)
+    plan = tuned_plan(profile, shape, o.build_plan(stage, gpus, nodes, gpus_per_node, offload_optimizer,
+                                                   offload_params))
+    overrides = {"reduce_bucket_elems": reduce_bucket, "allgather_bucket_elems": reduce_bucket,
+                 "prefetch_bucket_elems": prefetch_bucket, "max_live_params": max_live,
+                 "param_persistence_threshold": persistence}
+    plan = plan.with_(**{key: value for key, value in overrides.items() if value is not None})
     chosen = choose_gpu(gpu)
     memory = estimate(profile, shape, plan, chosen.profile)
     payload = estimate_payload(profile, shape, plan, chosen, memory, deepspeed_baseline(profile, shape, plan))
