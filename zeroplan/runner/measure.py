@@ -91,6 +91,41 @@ class PhasePeaks:
                 "allocated_at_start": dict(self.at_start)}
 
 
+@dataclass
+class StepProfiler:
+    """torch.profiler around the last step when ZEROPLAN_PROFILE names a file (rank 0 only):
+    the 40 costliest operations by device time and by host time, as text. Off by default."""
+
+    path: str | None = None
+
+    @classmethod
+    def from_environment(cls, cuda: bool, rank: int) -> "StepProfiler":
+        import os
+
+        target = os.environ.get("ZEROPLAN_PROFILE")
+        return cls(target if target and rank == 0 else None)
+
+    @contextlib.contextmanager
+    def around(self, active: bool):
+        """Profile the block when active and a target file is set."""
+        if not (active and self.path):
+            yield
+            return
+        import torch
+
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if torch.cuda.is_available():
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        with torch.profiler.profile(activities=activities) as profile:
+            yield
+        averages = profile.key_averages()
+        device_key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+        text = (averages.table(sort_by=device_key, row_limit=40) + "\n\n"
+                + averages.table(sort_by="cpu_time_total", row_limit=25))
+        with open(self.path, "w", encoding="utf-8") as handle:
+            handle.write(text)
+
+
 class Nvml:
     """NVML's view of this rank's GPU (device memory used, driver), when nvidia-ml-py works."""
 

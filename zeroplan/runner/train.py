@@ -108,14 +108,15 @@ def train(spec: RunSpec, cuda: bool, rank: int, world_size: int, local_rank: int
     phases = measure.PhasePeaks(cuda)
     batches = data.batches(profile, image_token_id, spec, rank, world_size)
     losses = result.setdefault("losses", [])
-    for _ in range(spec.steps):
+    profiler = measure.StepProfiler.from_environment(cuda, rank)
+    for index in range(spec.steps):
         batch = next(batches)
         inputs = {k: v.to(device) for k, v in batch.inputs.items()}
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
         # No KV cache in training; with one, transformers also ignores packed position_ids.
         inputs["use_cache"] = False
-        with meter.step(batch):
+        with profiler.around(index == spec.steps - 1), meter.step(batch):
             with phases.phase("forward"):
                 loss = engine(**inputs).loss
             with phases.phase("backward"):
