@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from zeroplan import bench, jsonl
+from zeroplan import bench, sweep, jsonl
 from zeroplan.cli.main import main
 
 FAKE_RUNNER = textwrap.dedent("""
@@ -63,7 +63,7 @@ def fake_runner(tmp_path):
 
 
 def tiny_specs(stages=(0, 1, 2, 3)):
-    return bench.expand(bench.Grid(models=("tiny",), stages=stages, seq_lens=(64,), tiles=(2,), steps=2,
+    return sweep.expand(sweep.Grid(models=("tiny",), stages=stages, seq_lens=(64,), tiles=(2,), steps=2,
                                    warmup_steps=1))
 
 
@@ -194,9 +194,9 @@ def test_classify_reads_oom_from_a_log_and_sigkill_as_host_oom():
 
 
 def test_expand_leaves_out_offloads_a_stage_cannot_do_and_resolves_aliases():
-    grid = bench.Grid(models=("1b", "InternVL2_5-1B"), stages=(0, 1, 2, 3),
+    grid = sweep.Grid(models=("1b", "InternVL2_5-1B"), stages=(0, 1, 2, 3),
                       offloads=("none", "optimizer", "optimizer+params"))
-    specs = bench.expand(grid)
+    specs = sweep.expand(grid)
     combos = {(s.stage, s.offload_optimizer, s.offload_params) for s in specs}
     assert len(specs) == 4 + 3 + 1
     assert (0, "cpu", "none") not in combos and (3, "cpu", "cpu") in combos and (2, "cpu", "cpu") not in combos
@@ -204,10 +204,11 @@ def test_expand_leaves_out_offloads_a_stage_cannot_do_and_resolves_aliases():
 
 
 def test_bundled_sweep_files_expand():
-    stages = bench.load_sweep(Path(__file__).parent.parent / "benchmarks" / "h100_stages.toml")
-    specs = bench.expand(stages.grid)
-    assert len(specs) == 3 * 4 * 2 * 2 and {s.seq_len for s in specs} == {4096} and {s.tiles for s in specs} == {7}
-    tiny = bench.expand(bench.load_sweep(Path(__file__).parent.parent / "benchmarks" / "cpu_tiny.toml").grid)
+    stages = sweep.load_sweep(Path(__file__).parent.parent / "benchmarks" / "h100_stages.toml")
+    specs = sweep.expand(stages.grid)
+    assert len(specs) == 2 * 4 * 2 * 2 and {s.seq_len for s in specs} == {4096} and {s.tiles for s in specs} == {7}
+    assert {s.model for s in specs} == {"InternVL2_5-1B", "InternVL2_5-2B"}  # 4B: h100_stages_4b.toml
+    tiny = sweep.expand(sweep.load_sweep(Path(__file__).parent.parent / "benchmarks" / "cpu_tiny.toml").grid)
     assert [s.stage for s in tiny] == [0, 1, 2, 3] and {s.world_size for s in tiny} == {2}
 
 
@@ -255,7 +256,7 @@ def test_real_runner_on_tiny_internvl_two_cpu_ranks(tmp_path):
     pytest.importorskip("zeroplan.runner.launch")
     pytest.importorskip("zeroplan.runner.train")
     results = tmp_path / "results.jsonl"
-    specs = bench.expand(bench.Grid(models=("tiny",), stages=(2,), seq_lens=(64,), tiles=(2,), steps=2,
+    specs = sweep.expand(sweep.Grid(models=("tiny",), stages=(2,), seq_lens=(64,), tiles=(2,), steps=2,
                                     warmup_steps=1, world_size=2))
     summary = bench.run_sweep(specs, results, bench.default_command_for("torchrun"), timeout_s=300)
     record = lines_of(results)[0]

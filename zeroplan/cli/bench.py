@@ -20,6 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 from rich.table import Table
 
 from zeroplan import bench
+from zeroplan import sweep as sweeps
 from zeroplan.errors import InvalidInput
 
 GRID_FLAGS = ("model", "stages", "micro_batch", "grad_ckpt", "offload", "seq_len", "tiles", "frozen", "lora_rank",
@@ -57,7 +58,7 @@ def command(
     if sweep is not None and given:
         raise InvalidInput(f"give either --sweep or grid flags, not both (got --{given[0].replace('_', '-')})")
     the_sweep = _sweep_from(sweep, flags, launcher, timeout_s)
-    specs = bench.expand(the_sweep.grid)
+    specs = sweeps.expand(the_sweep.grid)
     bench.check_results_path(results)
     console = Console(stderr=True)
     if dry_run:
@@ -78,36 +79,36 @@ def _given(ctx: typer.Context, name: str) -> bool:
     return getattr(ctx.get_parameter_source(name), "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP")
 
 
-def _sweep_from(sweep_path: Path | None, flags: dict, launcher: str | None, timeout_s: float | None) -> bench.Sweep:
+def _sweep_from(sweep_path: Path | None, flags: dict, launcher: str | None, timeout_s: float | None) -> sweeps.Sweep:
     """The sweep a sweep file or the grid flags describe, with --launcher/--timeout-s applied."""
     if sweep_path is not None:
-        the_sweep = bench.load_sweep(sweep_path)
+        the_sweep = sweeps.load_sweep(sweep_path)
     else:
         if flags["model"] is None:
             raise InvalidInput("give --sweep FILE or --model (e.g. --model 1b,2b)")
-        the_sweep = bench.Sweep(grid=_grid_from_flags(flags), name="flags")
+        the_sweep = sweeps.Sweep(grid=_grid_from_flags(flags), name="flags")
     overrides = {key: value for key, value in (("launcher", launcher), ("timeout_s", timeout_s)) if value is not None}
     return replace(the_sweep, **overrides)
 
 
-def _grid_from_flags(flags: dict) -> bench.Grid:
+def _grid_from_flags(flags: dict) -> sweeps.Grid:
     frozen = tuple(() if item == "none" else tuple(sorted(item.split("+")))
-                   for item in bench.parse_list(flags["frozen"], str, "--frozen"))
-    return bench.Grid(
-        models=bench.parse_list(flags["model"], str, "--model"),
-        stages=bench.parse_list(flags["stages"], int, "--stages"),
-        micro_batches=bench.parse_list(flags["micro_batch"], int, "--micro-batch"),
-        grad_ckpt=bench.parse_list(flags["grad_ckpt"], bool, "--grad-ckpt"),
-        offloads=bench.parse_list(flags["offload"], str, "--offload"),
-        seq_lens=bench.parse_list(flags["seq_len"], int, "--seq-len"),
-        tiles=bench.parse_list(flags["tiles"], int, "--tiles"),
+                   for item in sweeps.parse_list(flags["frozen"], str, "--frozen"))
+    return sweeps.Grid(
+        models=sweeps.parse_list(flags["model"], str, "--model"),
+        stages=sweeps.parse_list(flags["stages"], int, "--stages"),
+        micro_batches=sweeps.parse_list(flags["micro_batch"], int, "--micro-batch"),
+        grad_ckpt=sweeps.parse_list(flags["grad_ckpt"], bool, "--grad-ckpt"),
+        offloads=sweeps.parse_list(flags["offload"], str, "--offload"),
+        seq_lens=sweeps.parse_list(flags["seq_len"], int, "--seq-len"),
+        tiles=sweeps.parse_list(flags["tiles"], int, "--tiles"),
         frozen=frozen,
-        lora_ranks=bench.parse_list(flags["lora_rank"], int, "--lora-rank"),
+        lora_ranks=sweeps.parse_list(flags["lora_rank"], int, "--lora-rank"),
         steps=flags["steps"], warmup_steps=flags["warmup_steps"], world_size=flags["gpus"], gpu=flags["gpu"],
         attn_implementation=flags["attn_implementation"])
 
 
-def _canonical_command(sweep_path: Path | None, results: Path, the_sweep: bench.Sweep, flags: dict) -> str:
+def _canonical_command(sweep_path: Path | None, results: Path, the_sweep: sweeps.Sweep, flags: dict) -> str:
     """The bench command line that reproduces this sweep, as recorded beside each result."""
     words = ["zeroplan", "bench"]
     if sweep_path is not None:
@@ -135,7 +136,7 @@ def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def _run_with_progress(specs, results: Path, the_sweep: bench.Sweep, extra: dict, console: Console):
+def _run_with_progress(specs, results: Path, the_sweep: sweeps.Sweep, extra: dict, console: Console):
     """run_sweep under a rich progress bar: the running point, done/total, the last status.
     SIGTERM is turned into an interrupt so the running point's process group is killed too."""
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
