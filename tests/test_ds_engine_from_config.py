@@ -3,12 +3,16 @@
 One subprocess (this file run as a script: gloo, world size 1, DS_ACCELERATOR=cpu) builds the
 tiny InternVL for each case, starts deepspeed.initialize from the rendered config and runs one
 forward/backward/step. The "hf" flavour has its "auto" values filled by transformers' own
-HfTrainerDeepSpeedConfig, as the HF Trainer would. Note: the cases with DeepSpeed's AdamW block
-JIT-build its fused Adam op for the CPU on first use (minutes; cached afterwards).
+HfTrainerDeepSpeedConfig, as the HF Trainer would. The cases with DeepSpeed's AdamW block add
+`"torch_adam": true` to that block on the way into the engine, so DeepSpeed builds the optimizer
+from the block's type and params as torch.optim.AdamW instead of JIT-compiling its fused Adam op for
+the CPU (about 35 s on a fresh 2-core machine, and not the op a GPU run uses anyway); the test
+checks that the engine's optimizer carries the block's lr, betas, eps and weight decay.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -90,13 +94,19 @@ def run_case(case: dict) -> dict:
         config = trainer_filled(config, model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     client = torch.optim.AdamW(trainable, lr=1e-4) if case["optimizer"] == "client" else None
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, optimizer=client, config=config)
+    engine_config = copy.deepcopy(config)
+    if client is None:
+        engine_config["optimizer"]["params"]["torch_adam"] = True
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, optimizer=client, config=engine_config)
+    basic = engine.basic_optimizer
+    group = {key: basic.defaults[key] for key in ("lr", "betas", "eps", "weight_decay")}  # as DeepSpeed built it
     loss = engine(**_batch()).loss
     engine.backward(loss)
     engine.step()
     return {"loss": float(loss), "global_steps": engine.global_steps, "stage": engine.zero_optimization_stage(),
             "micro_batch": engine.train_micro_batch_size_per_gpu(), "bf16": engine.bfloat16_enabled(),
-            "optimizer": type(engine.optimizer).__name__, "config": config}
+            "optimizer": type(engine.optimizer).__name__, "basic_optimizer": type(basic).__name__,
+            "optimizer_group": {**group, "betas": list(group["betas"])}, "config": config}
 
 
 def _free_port() -> int:
@@ -129,6 +139,10 @@ def test_engine_trains_one_step_from_the_rendered_config(engine_results, case):
 
         assert auto_fields(result["config"]) == []
         assert result["config"]["optimizer"]["params"]["lr"] == TRAINER_ARGS["learning_rate"]
+    if case["optimizer"] == "adamw":
+        block = result["config"]["optimizer"]
+        assert block["type"] == "AdamW" and result["basic_optimizer"] == "AdamW"
+        assert result["optimizer_group"] == {key: block["params"][key] for key in ("lr", "betas", "eps", "weight_decay")}
 
 
 @pytest.mark.slow
