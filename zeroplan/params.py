@@ -159,6 +159,7 @@ class ParamCounts:
     largest_layer_name: str
 
 
+@lru_cache(maxsize=64)
 def count_parameters(profile: ModelProfile) -> ParamCounts:
     """Totals per tower, and the module holding most parameters directly (non-recursively), which
     is what DeepSpeed's estimate_zero3_model_states_mem_needs calls `largest_layer_params`."""

@@ -261,7 +261,7 @@ def load_model(name_or_path: str) -> ModelProfile:
     if found is None:
         known = ", ".join(sorted(k for k in _model_index() if len(k) <= 5))
         raise UnknownModel(f"unknown model '{name_or_path[:80]}': use a short name ({known}), "
-                           "a full name (zeroplan estimate --list-models), or a profile file")
+                           "a full name (the files under profiles/models/), or a profile file")
     return model_from_data(_read_data_file(found), str(found.relative_to(PROFILES_DIR.parent)))
 
 

@@ -14,6 +14,27 @@ import sys
 from zeroplan.errors import InvalidConfig
 
 
+_PRESTARTED: list["BackgroundValidator"] = []
+
+
+def prestart() -> None:
+    """Start a validator before anything else is imported (the CLI calls this for `recommend`),
+    so DeepSpeed's import overlaps the CLI's own start-up as well as the planning."""
+    if not _PRESTARTED:
+        _PRESTARTED.append(BackgroundValidator())
+
+
+def discard_prestarted() -> None:
+    """Stop a prestarted validator the command did not use (it failed before validating)."""
+    while _PRESTARTED:
+        _PRESTARTED.pop().close()
+
+
+def take() -> "BackgroundValidator":
+    """The prestarted validator, or a new one."""
+    return _PRESTARTED.pop() if _PRESTARTED else BackgroundValidator()
+
+
 class BackgroundValidator:
     """A child process that imports DeepSpeed now and validates one config when asked."""
 

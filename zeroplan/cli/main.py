@@ -8,25 +8,24 @@ from __future__ import annotations
 
 import sys
 
-import typer
-
-try:  # typer >= 0.20 ships its own copy of click; its exceptions are the ones raised
-    from typer._click import exceptions as click_exceptions
-except ImportError:  # pragma: no cover - older typer on the real click
-    from click import exceptions as click_exceptions
 
 from zeroplan.errors import ZeroplanError
 
 VERBS = ("estimate", "recommend", "generate", "validate", "probe", "bench", "report", "calibrate")
 
 
-def build_app() -> typer.Typer:
-    """The typer app with every verb module's command registered under its name."""
+def build_app(only: str | None = None):
+    """The typer app with the verb modules' commands registered under their names (only `only`'s
+    when the command line names a verb: importing every verb costs start-up time)."""
+    import typer
+
     app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                       help="Per-GPU memory plans and DeepSpeed ZeRO configs for InternVL training.")
     import importlib
 
-    for verb in VERBS:
+    # A callback keeps the app a group of sub-commands even when only one verb is registered.
+    app.callback()(_root)
+    for verb in ((only,) if only in VERBS else VERBS):
         try:
             module = importlib.import_module(f"zeroplan.cli.{verb}")
         except ModuleNotFoundError as error:
@@ -37,15 +36,41 @@ def build_app() -> typer.Typer:
     return app
 
 
+def _root() -> None:
+    """Per-GPU memory plans and DeepSpeed ZeRO configs for InternVL training."""
+
+
 def _one_line(message: str) -> str:
     return " ".join(str(message).split())
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; return the exit status instead of raising."""
-    command = typer.main.get_command(build_app())
+    args = argv if argv is not None else sys.argv[1:]
+    verb = args[0] if args else None
+    if verb == "recommend" and not any(a in ("--help", "-h") for a in args):
+        from zeroplan.adapters.validator_process import prestart
+
+        prestart()  # before typer and rich are imported: DeepSpeed's import is the long pole
     try:
-        result = command.main(args=argv if argv is not None else sys.argv[1:], prog_name="zeroplan",
+        return _run(args, verb)
+    finally:
+        from zeroplan.adapters.validator_process import discard_prestarted
+
+        discard_prestarted()
+
+
+def _run(args: list[str], verb: str | None) -> int:
+    import typer
+
+    try:  # typer >= 0.20 ships its own copy of click; its exceptions are the ones raised
+        from typer._click import exceptions as click_exceptions
+    except ImportError:  # pragma: no cover - older typer on the real click
+        from click import exceptions as click_exceptions
+
+    command = typer.main.get_command(build_app(verb))
+    try:
+        result = command.main(args=args, prog_name="zeroplan",
                               standalone_mode=False)
         return result if isinstance(result, int) else 0
     except ZeroplanError as error:

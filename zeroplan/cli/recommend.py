@@ -104,7 +104,7 @@ def command(
     json_out: o.Json = False,
 ):
     """Recommend the fastest ZeRO plan that fits, explain the runners-up, write its DeepSpeed config."""
-    from zeroplan.adapters.validator_process import BackgroundValidator
+    from zeroplan.adapters.validator_process import take
     from zeroplan.atomic import write_atomic
     from zeroplan.dsconfig import to_json
     from zeroplan.errors import DoesNotFit, InvalidInput
@@ -118,7 +118,7 @@ def command(
     o.check_fraction("--headroom", headroom)
     if flavour not in ("concrete", "hf"):
         raise InvalidInput(f"--flavour must be concrete or hf, got {flavour!r}")
-    validator = BackgroundValidator()
+    validator = take()
     try:
         chosen = choose_gpu(gpu)
         try:
