@@ -129,9 +129,6 @@ def command(
             for suggestion in error.suggestions:
                 typer.echo(f"  would fit with: {suggestion}", err=True)
             return 3
-        if not json_out:
-            import rich.console  # noqa: F401 - loaded while DeepSpeed's import finishes in the child
-            import rich.table  # noqa: F401
         config, note = _render_config(profile, result.best, flavour, validator)
     finally:
         validator.close()
