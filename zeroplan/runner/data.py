@@ -52,13 +52,14 @@ class Batch:
     segment_lengths: list[int] = field(default_factory=list)
 
 
-def draw_tiles(rng: random.Random, mean: int, fixed: bool) -> int:
-    """Tiles of one sample: exactly `mean` when fixed, else uniform on a range centred on `mean`
-    (so the mean is exact), like InternVL's dynamic tiling spread over aspect ratios."""
-    if fixed or mean <= 1:
-        return mean
-    spread = min(mean - 1, 3)
-    return rng.randint(mean - spread, mean + spread)
+def draw_tiles(rng: random.Random, most: int, fixed: bool) -> int:
+    """Tiles of one sample: exactly `most` when fixed, else uniform on the six counts up to `most`,
+    like InternVL's dynamic tiling, which gives an image between a few tiles and max_dynamic_patch
+    (plus the thumbnail) by its aspect ratio. `most` is a maximum, as the planner's --tiles is, so a
+    run never holds more tiles than its prediction assumes."""
+    if fixed or most <= 1:
+        return most
+    return rng.randint(max(1, most - 6), most)
 
 
 def synthetic_sample(profile: ModelProfile, image_token_id: int, length: int, tiles: int, rng: random.Random, torch_generator) -> Sample:

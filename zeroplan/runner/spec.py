@@ -23,8 +23,9 @@ class RunSpec:
     """One training run: model, ZeRO plan, micro-batch shape, data and how long to measure.
 
     `model` is a profile name/path, or a local checkpoint folder (with config.json).
-    `seq_len` counts image tokens too, as InternVL's max_seq_length does; `tiles` is the mean
-    number of tiles per sample (exactly that many when `fixed_tiles`). `dataset` is an InternVL
+    `seq_len` counts image tokens too, as InternVL's max_seq_length does; `tiles` is the most
+    tiles a sample holds (exactly that many when `fixed_tiles`), as InternVL's max_dynamic_patch
+    plus the thumbnail. `dataset` is an InternVL
     JSONL file (None: synthetic batches). `gpu` names the GPU profile used for MFU and the
     prediction (None: matched from the device name, else zeroplan's default). `lr` is AdamW's
     learning rate (InternVL's fine-tunes use 2e-5 to 4e-5; tests use more to see the loss fall).
