@@ -15,7 +15,6 @@ import json
 import statistics
 import sys
 from dataclasses import replace
-from datetime import datetime, timezone
 from pathlib import Path
 
 from zeroplan.atomic import write_files_atomic

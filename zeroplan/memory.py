@@ -20,8 +20,8 @@ from zeroplan.profiles import GPUProfile, ModelProfile
 
 BF16 = 2
 FP32 = 4
-# Reserved minus allocated at the peak, in fp32 logits blocks (see reserved_bytes), until
-# `zeroplan calibrate` measures it for a device: the two blocks that outlive the loss's backward.
+# Reserved minus allocated at the peak, in fp32 logits blocks (see reserved_bytes): a round guess
+# until `zeroplan calibrate` measures it for a device (2.54 on the lent H100, torch 2.11).
 DEFAULT_FRAGMENTATION_BLOCKS = 2.0
 
 
@@ -85,7 +85,8 @@ def communication_buffer_bytes(profile: ModelProfile, plan: Plan, trainable_elem
     """DeepSpeed's gradient buckets and, under ZeRO-3, the gathered parameters.
 
     ZeRO-1/2 with contiguous_gradients allocate reduce_bucket_size elements in the gradient dtype at
-    the start of every backward (DeepSpeedZeroOptimizer.setup_buckets), twice with overlap_comm.
+    the first gradient hook of every backward (DeepSpeedZeroOptimizer.setup_buckets, from
+    process_gradients), twice with overlap_comm, and free them when the step begins.
     ZeRO-3 allocates one reduce bucket (DeepSpeedZeroOptimizer_Stage3.__init__) and holds gathered
     16-bit parameters of the module in use plus those prefetched (up to prefetch_bucket_size and at
     most max_live_parameters). Stage 0 flattens each all-reduce bucket of gradients into a copy."""
