@@ -10,7 +10,6 @@ stage). Every file is written atomically. matplotlib is imported only when plott
 
 from __future__ import annotations
 
-import io
 import re
 import statistics
 from dataclasses import dataclass
@@ -201,7 +200,8 @@ def _groups(points: list[Point]) -> dict[tuple[str, tuple], dict[int, Point]]:
     return groups
 
 
-def _measured(point: Point, key: str) -> float | None:
+def measured_value(point: Point, key: str) -> float | None:
+    """A measured number of the point, None when the run did not get that far."""
     return point.number(key) if point.status == "ok" else None
 
 
@@ -210,11 +210,11 @@ def stages_table(by_stage: dict[int, Point]) -> list[str]:
     stages = sorted(by_stage)
     rows = [
         ("status", lambda p: f"**{p.status}**" if p.status != "ok" else "ok"),
-        ("peak allocated (GiB)", lambda p: _gib(_measured(p, "measured_peak_allocated_bytes"))),
-        ("peak reserved (GiB)", lambda p: _gib(_measured(p, "measured_peak_reserved_bytes"))),
-        ("tokens/s", lambda p: NO_VALUE if _measured(p, "tokens_per_s") is None else f"{p.number('tokens_per_s'):,.0f}"),
-        ("MFU", lambda p: NO_VALUE if _measured(p, "mfu") is None else _mfu(p.number("mfu"))),
-        ("step time (s)", lambda p: NO_VALUE if _measured(p, "step_time_s") is None else f"{p.number('step_time_s'):.3f}"),
+        ("peak allocated (GiB)", lambda p: _gib(measured_value(p, "measured_peak_allocated_bytes"))),
+        ("peak reserved (GiB)", lambda p: _gib(measured_value(p, "measured_peak_reserved_bytes"))),
+        ("tokens/s", lambda p: NO_VALUE if measured_value(p, "tokens_per_s") is None else f"{p.number('tokens_per_s'):,.0f}"),
+        ("MFU", lambda p: NO_VALUE if measured_value(p, "mfu") is None else _mfu(p.number("mfu"))),
+        ("step time (s)", lambda p: NO_VALUE if measured_value(p, "step_time_s") is None else f"{p.number('step_time_s'):.3f}"),
     ]
     lines = ["| | " + " | ".join(f"ZeRO-{stage}" for stage in stages) + " |",
              "|---|" + "---:|" * len(stages)]
@@ -231,7 +231,7 @@ def prediction_rows(points: list[Point]) -> tuple[list[str], ErrorSummary, Error
     theirs: list[float] = []
     for point in sorted(points, key=lambda p: (_models(points).index(p.model), p.shape, p.stage)):
         predicted, estimator = predicted_allocated(point), deepspeed_estimate(point)
-        measured = _measured(point, "measured_peak_allocated_bytes")
+        measured = measured_value(point, "measured_peak_allocated_bytes")
         error, estimator_error = _error_pct(predicted, measured), _error_pct(estimator, measured)
         ours += [error] if error is not None else []
         theirs += [estimator_error] if estimator_error is not None else []
@@ -311,88 +311,6 @@ def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9_.-]+", "-", name.lower()).strip("-.") or "model"
 
 
-def _figure(width: float, height: float):
-    from matplotlib.figure import Figure
-
-    return Figure(figsize=(width, height), dpi=100, layout="constrained")
-
-
-def _label_once(labelled: set[str], label: str) -> str | None:
-    """The legend label the first time it is drawn, None after, so each appears once."""
-    if label in labelled:
-        return None
-    labelled.add(label)
-    return label
-
-
-def _png(figure) -> bytes:
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    return buffer.getvalue()
-
-
-def plot_memory(model: str, points: list[Point]) -> bytes:
-    """PNG: per point (shape, stage), zeroplan's predicted breakdown stacked, and beside it the
-    measured peak allocated (absent, marked with the status, when the point did not finish)."""
-    points = sorted(points, key=lambda p: (p.shape, p.stage))
-    figure = _figure(max(6.0, 0.9 * len(points) + 2), 4.5)
-    axes = figure.add_subplot()
-    width = 0.38
-    labelled: set[str] = set()
-    colors = ("#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948")
-    for index, point in enumerate(points):
-        breakdown = predicted_terms(point.record)
-        bottom = 0.0
-        for term, color in zip(BREAKDOWN_TERMS, colors):
-            value = breakdown.get(term)
-            if isinstance(value, (int, float)) and value > 0:
-                axes.bar(index - width / 2, value / GIB, width, bottom=bottom, color=color,
-                         label=_label_once(labelled, term.replace("_", " ")))
-                bottom += value / GIB
-        measured = _measured(point, "measured_peak_allocated_bytes")
-        if measured is not None:
-            axes.bar(index + width / 2, measured / GIB, width, color="#555555", hatch="//", edgecolor="white",
-                     label=_label_once(labelled, "measured peak"))
-        else:
-            axes.text(index + width / 2, 0, point.status.upper(), rotation=90, ha="center", va="bottom", fontsize=8)
-    axes.set_xticks(range(len(points)), [f"ZeRO-{p.stage}\n{short_shape(p.shape)}" for p in points], fontsize=7)
-    axes.set_ylabel("GiB per GPU")
-    axes.set_title(f"{model}: predicted breakdown (left) vs measured peak allocated (right)")
-    if labelled:
-        axes.legend(fontsize=7, loc="upper right")
-    return _png(figure)
-
-
-def plot_throughput(model: str, points: list[Point]) -> bytes:
-    """PNG: tokens/s per ZeRO stage, one bar per shape; a point that did not finish shows its status."""
-    stages = sorted({point.stage for point in points})
-    shapes = list(dict.fromkeys(point.shape for point in sorted(points, key=lambda p: p.shape)))
-    figure = _figure(max(6.0, 1.2 * len(stages) * max(1, len(shapes)) / 2 + 2), 4.5)
-    axes = figure.add_subplot()
-    width = 0.8 / max(1, len(shapes))
-    by_key = {(point.shape, point.stage): point for point in points}
-    labelled: set[str] = set()
-    for shape_index, shape in enumerate(shapes):
-        offset = (shape_index - (len(shapes) - 1) / 2) * width
-        for stage_index, stage in enumerate(stages):
-            point = by_key.get((shape, stage))
-            if point is None:
-                continue
-            tokens = _measured(point, "tokens_per_s")
-            if tokens is not None:
-                axes.bar(stage_index + offset, tokens, width, color=f"C{shape_index % 10}",
-                         label=_label_once(labelled, short_shape(shape)))
-            else:
-                axes.text(stage_index + offset, 0, point.status.upper(), rotation=90, ha="center", va="bottom",
-                          fontsize=8)
-    axes.set_xticks(range(len(stages)), [f"ZeRO-{stage}" for stage in stages])
-    axes.set_ylabel("tokens/s")
-    axes.set_title(f"{model}: training throughput by ZeRO stage")
-    if labelled:
-        axes.legend(fontsize=7)
-    return _png(figure)
-
-
 @dataclass(frozen=True)
 class ReportFiles:
     """What a report wrote, and the error summaries it printed."""
@@ -408,10 +326,12 @@ def write_report(results_path: str | Path, out_dir: str | Path, report_command: 
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise InvalidInput(f"report folder {out_dir} is a file")
+    from zeroplan import plots as plotting  # matplotlib only when a report is written
+
     files: dict[Path, bytes] = {}  # everything is rendered before anything is written
     for model in _models(points):
         of_model = [point for point in points if point.model == model]
-        for kind, plot in (("memory", plot_memory), ("throughput", plot_throughput)):
+        for kind, plot in (("memory", plotting.plot_memory), ("throughput", plotting.plot_throughput)):
             files[out_dir / f"{kind}_{slug(model)}.png"] = plot(model, of_model)
     plots = list(files)
     markdown = render_markdown(points, str(results_path), report_command, [path.name for path in plots])
