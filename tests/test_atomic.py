@@ -111,19 +111,7 @@ def test_a_device_or_pipe_is_never_replaced(tmp_path):
     assert stat.S_ISFIFO(fifo.lstat().st_mode) and _entries(tmp_path) == {"pipe"}
 
 
-@pytest.fixture
-def quiet_validator(monkeypatch):
-    class InProcess:
-        def validate(self, config, world_size, timeout_s=120):
-            return [], ""
-
-        def close(self):
-            pass
-
-    monkeypatch.setattr("zeroplan.adapters.validator_process.BackgroundValidator", InProcess)
-
-
-def test_recommend_failing_to_serialize_leaves_the_old_config(tmp_path, monkeypatch, quiet_validator, capsys):
+def test_recommend_failing_to_serialize_leaves_the_old_config(tmp_path, monkeypatch, skip_deepspeed_validation, capsys):
     target = tmp_path / "ds.json"
     target.write_text('{"old": true}')
 
@@ -136,7 +124,7 @@ def test_recommend_failing_to_serialize_leaves_the_old_config(tmp_path, monkeypa
     assert target.read_text() == '{"old": true}' and _entries(tmp_path) == {"ds.json"}
 
 
-def test_recommend_failing_to_rename_leaves_the_old_config(tmp_path, monkeypatch, quiet_validator, capsys):
+def test_recommend_failing_to_rename_leaves_the_old_config(tmp_path, monkeypatch, skip_deepspeed_validation, capsys):
     target = tmp_path / "ds.json"
     target.write_text('{"old": true}')
     monkeypatch.setattr(atomic.os, "replace", lambda src, dst: (_ for _ in ()).throw(OSError(28, "No space", dst)))

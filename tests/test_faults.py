@@ -55,18 +55,6 @@ def _fake_pynvml(fail_at: str | None, shutdowns: list) -> types.ModuleType:
     return module
 
 
-@pytest.fixture
-def no_background_validator(monkeypatch):
-    class InProcess:
-        def validate(self, config, world_size, timeout_s=120):
-            return [], ""
-
-        def close(self):
-            pass
-
-    monkeypatch.setattr("zeroplan.adapters.validator_process.BackgroundValidator", InProcess)
-
-
 FAULTS = {
     "pynvml missing": (None, "nvidia-ml-py is not installed"),
     "init raises": ("nvmlInit", "NVML unavailable"),
@@ -78,7 +66,7 @@ FAULTS = {
 
 @pytest.mark.parametrize("fault", sorted(FAULTS))
 def test_nvml_faults_mean_no_gpu_found_and_the_default_profile(fault, monkeypatch, tmp_path, capsys,
-                                                               no_background_validator):
+                                                               skip_deepspeed_validation):
     fail_at, reason = FAULTS[fault]
     shutdowns: list = []
     monkeypatch.setitem(sys.modules, "pynvml", None if fault == "pynvml missing" else _fake_pynvml(fail_at, shutdowns))

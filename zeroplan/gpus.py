@@ -35,9 +35,9 @@ def choose_gpu(name: str | None, probe=None) -> ChosenGPU:
         gpu = load_gpu(DEFAULT_GPU)
         return ChosenGPU(replace(gpu, name=first.name, memory_bytes=first.total_bytes),
                          f"probed {first.name} (no bundled profile: speeds of {gpu.name} assumed)")
-    usable = min(first.free_bytes + 0, first.total_bytes)
     origin = f"probed {first.name} ({len(result.gpus)} on this node)"
-    if usable < matched.memory_bytes:
-        origin += f"; planning with its free memory, {usable / 2**30:.1f} of {first.total_bytes / 2**30:.1f} GiB"
-        matched = replace(matched, memory_bytes=usable)
+    if first.free_bytes < matched.memory_bytes:
+        origin += (f"; planning with its free memory, {first.free_bytes / 2**30:.1f} of "
+                   f"{first.total_bytes / 2**30:.1f} GiB")
+        matched = replace(matched, memory_bytes=first.free_bytes)
     return ChosenGPU(matched, origin)

@@ -9,7 +9,7 @@ adds collectives whose cost the model knows least), then the lower peak."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from zeroplan.errors import DoesNotFit, InvalidInput
 from zeroplan.memory import MemoryBreakdown, estimate
@@ -89,8 +89,6 @@ def candidate_plans(profile: ModelProfile, base: Plan, shape: TrainShape, per_gp
 
 
 def _reshape(shape: TrainShape, micro_batch: int, grad_ckpt: bool) -> TrainShape:
-    from dataclasses import replace
-
     return replace(shape, micro_batch=micro_batch, grad_ckpt=grad_ckpt)
 
 
