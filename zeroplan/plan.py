@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, replace
 from zeroplan.errors import InvalidInput
 
 OFFLOAD_DEVICES = ("none", "cpu", "nvme")
+KERNELS = ("eager", "liger")
 MAX_GPUS = 1 << 20
 
 
@@ -27,6 +28,11 @@ class TrainShape:
     included, as InternVL's max_seq_length does. `tiles` is the number of 448 px tiles per sample
     (the thumbnail counted). Towers named in `frozen` get no gradients or optimizer state;
     `lora_rank` > 0 freezes the LLM's base weights and trains PEFT LoRA adapters on it instead.
+    `packed` rows hold several samples that do not attend to each other (varlen attention).
+    `kernels` is how the model's elementwise work and loss run: "eager" is transformers' own
+    modules (the loss upcasts the whole [tokens, vocab] logits to fp32); "liger" is Liger-Kernel's
+    fused RMSNorm/LayerNorm, SwiGLU, RoPE and fused linear cross-entropy (logits are never
+    materialised whole).
     """
 
     micro_batch: int = 1
@@ -36,6 +42,7 @@ class TrainShape:
     frozen: frozenset[str] = field(default_factory=frozenset)
     lora_rank: int = 0
     packed: bool = False
+    kernels: str = "eager"
 
     def __post_init__(self):
         _check_int("micro-batch", self.micro_batch, 1, 4096)
@@ -46,6 +53,8 @@ class TrainShape:
         if unknown:
             raise InvalidInput(f"cannot freeze {', '.join(sorted(unknown))}: freeze vision, projector or llm")
         object.__setattr__(self, "frozen", frozenset(self.frozen))
+        if self.kernels not in KERNELS:
+            raise InvalidInput(f"kernels must be one of {', '.join(KERNELS)}, got {self.kernels!r}")
 
     def trains(self, tower: str) -> bool:
         """Whether the tower's own (non-LoRA) weights get gradients."""

@@ -42,6 +42,9 @@ class Grid:
     attn_implementation: str = "sdpa"
     packed: bool = False
     fixed_tiles: bool = False
+    kernels: str = "eager"
+    compile: bool = False
+    gradient_accumulation: int = 1
 
     def __post_init__(self):
         for axis in ("models", "stages", "micro_batches", "grad_ckpt", "offloads", "seq_lens", "tiles",
@@ -98,8 +101,8 @@ def expand(grid: Grid) -> list[RunSpec]:
                        offload_optimizer=offload_optimizer, offload_params=offload_params,
                        steps=grid.steps, warmup_steps=grid.warmup_steps, gpu=grid.gpu, dataset=grid.dataset,
                        seed=grid.seed, attn_implementation=grid.attn_implementation, packed=grid.packed,
-                       fixed_tiles=grid.fixed_tiles,
-                       world_size=grid.world_size)
+                       fixed_tiles=grid.fixed_tiles, kernels=grid.kernels, compile=grid.compile,
+                       gradient_accumulation=grid.gradient_accumulation, world_size=grid.world_size)
         if spec.point_id() not in seen:
             seen.add(spec.point_id())
             specs.append(spec)
@@ -110,7 +113,7 @@ GRID_KEYS = {"models": "models", "stages": "stages", "micro_batch": "micro_batch
              "offload": "offloads", "seq_len": "seq_lens", "tiles": "tiles", "frozen": "frozen",
              "lora_rank": "lora_ranks"}
 RUN_KEYS = ("steps", "warmup_steps", "world_size", "gpu", "dataset", "seed", "attn_implementation", "packed",
-            "fixed_tiles")
+            "fixed_tiles", "kernels", "compile", "gradient_accumulation")
 SWEEP_KEYS = ("name", "description", "launcher", "timeout_s", "grid", "run")
 
 

@@ -11,11 +11,14 @@ import json
 from dataclasses import asdict, dataclass, fields
 
 from zeroplan.errors import InvalidInput
-from zeroplan.plan import OFFLOAD_DEVICES, Plan, TrainShape
+from zeroplan.plan import KERNELS, OFFLOAD_DEVICES, Plan, TrainShape
 
 TOWERS = ("vision", "projector", "llm")
-ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "varlen")
 NOT_IN_POINT_ID = frozenset({"steps", "warmup_steps"})
+# Fields added after points were measured: left out of the point id at their default, so the
+# points measured before they existed keep their ids (and sweeps keep resuming).
+LATER_DEFAULTS = {"kernels": "eager", "compile": False, "gradient_accumulation": 1}
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,10 @@ class RunSpec:
     JSONL file (None: synthetic batches). `gpu` names the GPU profile used for MFU and the
     prediction (None: matched from the device name, else zeroplan's default). `lr` is AdamW's
     learning rate (InternVL's fine-tunes use 2e-5 to 4e-5; tests use more to see the loss fall).
+    `kernels` "liger" swaps in Liger-Kernel's fused norms, SwiGLU, RoPE and linear cross-entropy
+    (CUDA only); `compile` runs each decoder and vision layer through torch.compile;
+    `attn_implementation` "varlen" is torch's variable-length flash attention over packed rows.
+    `gradient_accumulation` micro-steps make one optimizer step (a measured step is all of them).
     """
 
     model: str = "tiny"
@@ -51,6 +58,9 @@ class RunSpec:
     world_size: int = 1
     fixed_tiles: bool = False
     lr: float = 2e-5
+    kernels: str = "eager"
+    compile: bool = False
+    gradient_accumulation: int = 1
 
     def __post_init__(self):
         object.__setattr__(self, "frozen", tuple(sorted(set(self.frozen))))
@@ -62,7 +72,8 @@ class RunSpec:
         for name in ("offload_optimizer", "offload_params"):
             if getattr(self, name) not in OFFLOAD_DEVICES:
                 raise InvalidInput(f"{name} must be one of {', '.join(OFFLOAD_DEVICES)}")
-        for name, low in (("steps", 1), ("warmup_steps", 0), ("world_size", 1), ("seed", 0)):
+        for name, low in (("steps", 1), ("warmup_steps", 0), ("world_size", 1), ("seed", 0),
+                          ("gradient_accumulation", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise InvalidInput(f"{name} must be a whole number >= {low}, got {value!r}")
@@ -76,7 +87,7 @@ class RunSpec:
         """The TrainShape the estimator sees for this run."""
         return TrainShape(micro_batch=self.micro_batch, seq_len=self.seq_len, tiles=self.tiles,
                           grad_ckpt=self.grad_ckpt, frozen=frozenset(self.frozen), lora_rank=self.lora_rank,
-                          packed=self.packed)
+                          packed=self.packed, kernels=self.kernels)
 
     def plan(self) -> Plan:
         """The Plan of this run: one node of `world_size` GPUs, zeroplan's default buckets."""
@@ -119,5 +130,6 @@ class RunSpec:
     def point_id(self) -> str:
         """Stable 16-hex-digit name of the measured point: a hash of every field that changes what
         is run (steps and warmup_steps only change how long it is measured, so they are left out)."""
-        data = {k: v for k, v in self.to_dict().items() if k not in NOT_IN_POINT_ID}
+        data = {k: v for k, v in self.to_dict().items()
+                if k not in NOT_IN_POINT_ID and not (k in LATER_DEFAULTS and v == LATER_DEFAULTS[k])}
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
