@@ -301,4 +301,20 @@ def describe(spec: RunSpec) -> str:
         parts.append(f"lora{spec.lora_rank}")
     if spec.world_size > 1:
         parts.append(f"x{spec.world_size}")
-    return " ".join(parts)
+    return " ".join(parts + speed_labels(spec))
+
+
+def speed_labels(spec: RunSpec) -> list[str]:
+    """The speed options of a point, in a few words (none for the plain loop)."""
+    labels = []
+    if spec.packed:
+        labels.append("packed" + ("-varlen" if spec.attn_implementation == "varlen" else ""))
+    if spec.vocab_multiple > 1:
+        labels.append(f"vocab/{spec.vocab_multiple}")
+    if spec.kernels != "eager":
+        labels.append(spec.kernels)
+    if spec.compile:
+        labels.append("compiled")
+    if spec.gradient_accumulation > 1:
+        labels.append(f"gas{spec.gradient_accumulation}")
+    return labels

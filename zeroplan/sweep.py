@@ -45,6 +45,7 @@ class Grid:
     kernels: str = "eager"
     compile: bool = False
     gradient_accumulation: int = 1
+    vocab_multiple: int = 1
 
     def __post_init__(self):
         for axis in ("models", "stages", "micro_batches", "grad_ckpt", "offloads", "seq_lens", "tiles",
@@ -58,12 +59,29 @@ class Grid:
 
 @dataclass(frozen=True)
 class Sweep:
-    """A grid plus how its points are launched."""
+    """A grid plus how its points are launched. `variants` (the TOML's [[variants]] tables) are
+    sets of [run] settings; the grid is run once under each (e.g. the plain loop, then packing
+    with varlen attention, then fused kernels), so before and after share one results file."""
 
     grid: Grid
     name: str = "sweep"
     launcher: str = "torchrun"
     timeout_s: float = 600.0
+    variants: tuple[Grid, ...] = ()
+
+    def grids(self) -> tuple[Grid, ...]:
+        """The grid under each variant (the grid itself when there are none)."""
+        return self.variants or (self.grid,)
+
+    def expand(self) -> list[RunSpec]:
+        """Every point of every variant, variant by variant, without repeats."""
+        specs, seen = [], set()
+        for grid in self.grids():
+            for spec in expand(grid):
+                if spec.point_id() not in seen:
+                    seen.add(spec.point_id())
+                    specs.append(spec)
+        return specs
 
     def __post_init__(self):
         if self.launcher not in LAUNCHERS:
@@ -102,7 +120,8 @@ def expand(grid: Grid) -> list[RunSpec]:
                        steps=grid.steps, warmup_steps=grid.warmup_steps, gpu=grid.gpu, dataset=grid.dataset,
                        seed=grid.seed, attn_implementation=grid.attn_implementation, packed=grid.packed,
                        fixed_tiles=grid.fixed_tiles, kernels=grid.kernels, compile=grid.compile,
-                       gradient_accumulation=grid.gradient_accumulation, world_size=grid.world_size)
+                       gradient_accumulation=grid.gradient_accumulation,
+                       vocab_multiple=grid.vocab_multiple, world_size=grid.world_size)
         if spec.point_id() not in seen:
             seen.add(spec.point_id())
             specs.append(spec)
@@ -113,8 +132,8 @@ GRID_KEYS = {"models": "models", "stages": "stages", "micro_batch": "micro_batch
              "offload": "offloads", "seq_len": "seq_lens", "tiles": "tiles", "frozen": "frozen",
              "lora_rank": "lora_ranks"}
 RUN_KEYS = ("steps", "warmup_steps", "world_size", "gpu", "dataset", "seed", "attn_implementation", "packed",
-            "fixed_tiles", "kernels", "compile", "gradient_accumulation")
-SWEEP_KEYS = ("name", "description", "launcher", "timeout_s", "grid", "run")
+            "fixed_tiles", "kernels", "compile", "gradient_accumulation", "vocab_multiple")
+SWEEP_KEYS = ("name", "description", "launcher", "timeout_s", "grid", "run", "variants")
 
 
 def load_sweep(path: str | Path) -> Sweep:
@@ -139,10 +158,16 @@ def load_sweep(path: str | Path) -> Sweep:
     if "models" not in grid_data:
         raise InvalidInput(f"{path} [grid]: 'models' is required")
     axes = {GRID_KEYS[key]: _axis(value, key, str(path)) for key, value in grid_data.items()}
+    variants_data = data.get("variants", [])
+    if not isinstance(variants_data, list) or not all(isinstance(v, dict) for v in variants_data):
+        raise InvalidInput(f"{path}: variants must be [[variants]] tables of [run] settings")
+    for index, variant in enumerate(variants_data):
+        _reject_unknown(variant, RUN_KEYS, f"{path} [[variants]] #{index + 1}")
     try:
         grid = Grid(**axes, **run_data)
+        variants = tuple(Grid(**axes, **{**run_data, **variant}) for variant in variants_data)
         return Sweep(grid=grid, name=str(data.get("name", path.stem)), launcher=data.get("launcher", "torchrun"),
-                     timeout_s=data.get("timeout_s", 600.0))
+                     timeout_s=data.get("timeout_s", 600.0), variants=variants)
     except TypeError as error:
         raise InvalidInput(f"{path}: {error}") from None
 

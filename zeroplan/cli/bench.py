@@ -58,7 +58,7 @@ def command(
     if sweep is not None and given:
         raise InvalidInput(f"give either --sweep or grid flags, not both (got --{given[0].replace('_', '-')})")
     the_sweep = _sweep_from(sweep, flags, launcher, timeout_s)
-    specs = sweeps.expand(the_sweep.grid)
+    specs = the_sweep.expand()
     bench.check_results_path(results)
     console = Console(stderr=True)
     if dry_run:

@@ -36,7 +36,8 @@ def fallback_config(plan, micro_batch: int, gradient_clipping: float = 1.0) -> d
     }
 
 
-def deepspeed_config(profile, shape, plan, micro_batch: int, lr: float, client_optimizer: bool) -> tuple[dict, str]:
+def deepspeed_config(profile, shape, plan, micro_batch: int, lr: float, client_optimizer: bool,
+                     gradient_accumulation: int = 1) -> tuple[dict, str]:
     """(config, where it came from). With a client optimizer the config has no optimizer section
     and allows it through ZeRO's untested-optimizer check; otherwise DeepSpeed builds AdamW
     (DeepSpeedCPUAdam under optimizer offload)."""
@@ -45,11 +46,13 @@ def deepspeed_config(profile, shape, plan, micro_batch: int, lr: float, client_o
     except ImportError:
         render = None
     if render is not None:
-        config = render(profile, shape, plan, micro_batch, 1, flavour="concrete", lr=lr,
+        config = render(profile, shape, plan, micro_batch, gradient_accumulation, flavour="concrete", lr=lr,
                         optimizer="client" if client_optimizer else "adamw")
         source = "zeroplan.dsconfig.render"
     else:
         config = fallback_config(plan, micro_batch)
+        config["gradient_accumulation_steps"] = gradient_accumulation
+        config["train_batch_size"] = micro_batch * gradient_accumulation * plan.world_size
         if not client_optimizer:
             config["optimizer"] = {"type": "AdamW", "params": {"lr": lr, "betas": [0.9, 0.999], "eps": 1e-8,
                                                                "weight_decay": 0.05}}

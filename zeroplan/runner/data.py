@@ -104,11 +104,14 @@ class SyntheticData:
         parts = rng.randint(2, 4) if self.spec.packed else 1
         lengths = [self.spec.seq_len // parts] * parts
         lengths[-1] += self.spec.seq_len - sum(lengths)
+        # `tiles` bounds a row, packed or not (the memory model's tiles per sequence): a packed
+        # row's tiles are shared out among its samples.
+        row_tiles = draw_tiles(rng, self.spec.tiles, self.spec.fixed_tiles)
+        shares = [row_tiles // parts + (1 if part < row_tiles % parts else 0) for part in range(parts)]
         samples = []
-        for length in lengths:
+        for length, share in zip(lengths, shares):
             fit = max(0, (length - 4) // self.profile.tokens_per_tile)
-            tiles = min(draw_tiles(rng, self.spec.tiles, self.spec.fixed_tiles), fit)
-            samples.append(synthetic_sample(self.profile, self.image_token_id, length, tiles, rng, generator))
+            samples.append(synthetic_sample(self.profile, self.image_token_id, length, min(share, fit), rng, generator))
         return samples
 
     def __iter__(self) -> Iterator[Batch]:
@@ -265,3 +268,13 @@ def batches(profile, image_token_id: int, spec, rank: int, world_size: int) -> I
     if spec.dataset:
         return iter(JsonlData(spec.dataset, profile, image_token_id, spec, rank, world_size))
     return iter(SyntheticData(profile, image_token_id, spec, rank))
+
+
+def merged(batches: list[Batch]) -> Batch:
+    """What several micro-batches of one optimizer step count together (for throughput and
+    FLOPs); the inputs stay with each micro-batch."""
+    if len(batches) == 1:
+        return batches[0]
+    return Batch(inputs={}, samples=sum(b.samples for b in batches), tiles=sum(b.tiles for b in batches),
+                 text_tokens=sum(b.text_tokens for b in batches), image_tokens=sum(b.image_tokens for b in batches),
+                 segment_lengths=[length for b in batches for length in b.segment_lengths])

@@ -49,16 +49,25 @@ def _first(value):
 
 
 def resolve(spec) -> tuple[ModelProfile, int]:
-    """(profile, image token id) of the spec's model."""
+    """(profile, image token id) of the spec's model, its vocabulary padded as the spec says."""
     if is_checkpoint(spec.model):
         import transformers
 
         config = transformers.AutoConfig.from_pretrained(spec.model, local_files_only=True)
         return profile_from_hf_config(config, spec.model), int(config.image_token_id)
     from zeroplan.adapters.hf_model import image_token_id
+    from zeroplan.runner.fast import padded_profile
 
-    profile = load_model(spec.model)
+    profile = padded_profile(load_model(spec.model), spec.vocab_multiple)
     return profile, image_token_id(profile)
+
+
+def flops_profile(spec, profile: ModelProfile) -> ModelProfile:
+    """The profile whose FLOPs a step is credited with: the model's own vocabulary, without the
+    rows `vocab_multiple` pads on (they are not the model's work)."""
+    if is_checkpoint(spec.model) or spec.vocab_multiple <= 1:
+        return profile
+    return load_model(spec.model)
 
 
 def _module_seed(seed: int, name: str) -> int:
@@ -134,7 +143,10 @@ def build(spec, profile: ModelProfile, ds_config: dict, device):
         return _load_checkpoint(spec, ds_config, device)
     from zeroplan.adapters.hf_model import internvl_config
 
-    config = internvl_config(profile, spec.attn_implementation)
+    from zeroplan.runner import fast
+
+    config = internvl_config(profile)
+    fast.attn_config(config, spec.attn_implementation)
     if zero3:
         context = deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=torch.bfloat16)
     else:
@@ -146,19 +158,37 @@ def build(spec, profile: ModelProfile, ds_config: dict, device):
     return model
 
 
+def speed_up(model, spec) -> dict:
+    """The spec's speed options on the built model (before DeepSpeed wraps it): Liger-Kernel's
+    fused kernels, torch.compile of the layers. Returns what was applied, for the result."""
+    from zeroplan.runner import fast
+
+    applied = {}
+    if spec.kernels == "liger":
+        fast.apply_liger(model, spec.stage == 3)
+        applied["kernels"] = "liger"
+    if spec.compile:
+        applied["compiled_layers"] = fast.compile_layers(model)
+    return applied
+
+
 def _load_checkpoint(spec, ds_config: dict, device):
     """from_pretrained on a local folder, local files only; under stage 3 transformers partitions
     it through zero.Init when it sees DeepSpeed's config (HfDeepSpeedConfig, kept alive)."""
     import torch
     import transformers
 
+    from zeroplan.runner import fast
+
+    attn = ({"": "sdpa", "text_config": fast.register_varlen(), "vision_config": "sdpa"}
+            if spec.attn_implementation == "varlen" else spec.attn_implementation)
     keep = None
     if spec.stage == 3:
         from transformers.integrations import HfDeepSpeedConfig
 
         keep = HfDeepSpeedConfig(ds_config)
     model = transformers.InternVLForConditionalGeneration.from_pretrained(
-        spec.model, local_files_only=True, dtype=torch.bfloat16, attn_implementation=spec.attn_implementation)
+        spec.model, local_files_only=True, dtype=torch.bfloat16, attn_implementation=attn)
     model._zeroplan_hf_ds_config = keep
     return model if spec.stage == 3 else model.to(device)
 

@@ -18,7 +18,7 @@ ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "varlen")
 NOT_IN_POINT_ID = frozenset({"steps", "warmup_steps"})
 # Fields added after points were measured: left out of the point id at their default, so the
 # points measured before they existed keep their ids (and sweeps keep resuming).
-LATER_DEFAULTS = {"kernels": "eager", "compile": False, "gradient_accumulation": 1}
+LATER_DEFAULTS = {"kernels": "eager", "compile": False, "gradient_accumulation": 1, "vocab_multiple": 1}
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,8 @@ class RunSpec:
     (CUDA only); `compile` runs each decoder and vision layer through torch.compile;
     `attn_implementation` "varlen" is torch's variable-length flash attention over packed rows.
     `gradient_accumulation` micro-steps make one optimizer step (a measured step is all of them).
+    `vocab_multiple` pads the vocabulary (embedding and lm_head rows) to a multiple, for aligned
+    matrix products; the padded rows are never a label.
     """
 
     model: str = "tiny"
@@ -61,6 +63,7 @@ class RunSpec:
     kernels: str = "eager"
     compile: bool = False
     gradient_accumulation: int = 1
+    vocab_multiple: int = 1
 
     def __post_init__(self):
         object.__setattr__(self, "frozen", tuple(sorted(set(self.frozen))))
@@ -73,12 +76,16 @@ class RunSpec:
             if getattr(self, name) not in OFFLOAD_DEVICES:
                 raise InvalidInput(f"{name} must be one of {', '.join(OFFLOAD_DEVICES)}")
         for name, low in (("steps", 1), ("warmup_steps", 0), ("world_size", 1), ("seed", 0),
-                          ("gradient_accumulation", 1)):
+                          ("gradient_accumulation", 1), ("vocab_multiple", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise InvalidInput(f"{name} must be a whole number >= {low}, got {value!r}")
         if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not 0 < self.lr < 1:
             raise InvalidInput(f"lr must be a number between 0 and 1, got {self.lr!r}")
+        if self.kernels not in KERNELS:
+            raise InvalidInput(f"kernels must be one of {', '.join(KERNELS)}, got {self.kernels!r}")
+        if self.attn_implementation == "varlen" and not self.packed:
+            raise InvalidInput("varlen attention needs packed rows (packed = true)")
         if self.warmup_steps >= self.steps:
             raise InvalidInput(f"warmup_steps ({self.warmup_steps}) must be fewer than steps ({self.steps})")
         self.shape(), self.plan()

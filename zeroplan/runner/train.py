@@ -89,11 +89,13 @@ def train(spec: RunSpec, cuda: bool, rank: int, world_size: int, local_rank: int
     result["deepspeed_estimator_bytes"] = deepspeed_estimate(profile, shape, plan)
     result.update(predicted_step(profile, shape, plan, gpu))
     client = spec.offload_optimizer == "none"
-    ds_config, source = deepspeed_config(profile, shape, plan, spec.micro_batch, spec.lr, client)
+    ds_config, source = deepspeed_config(profile, shape, plan, spec.micro_batch, spec.lr, client,
+                                         spec.gradient_accumulation)
     result.update(ds_config=ds_config, ds_config_source=source)
 
     model = model_setup.build(spec, profile, ds_config, device)
     model = model_setup.prepare_for_training(model, spec, shape)
+    result["speed_options"] = model_setup.speed_up(model, spec)
     trainable = model_setup.trainable_parameters(model)
     optimizer = make_optimizer(spec, trainable, cuda)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
@@ -104,26 +106,26 @@ def train(spec: RunSpec, cuda: bool, rank: int, world_size: int, local_rank: int
         torch.cuda.reset_peak_memory_stats()
 
     nvml = measure.open_nvml(cuda, local_rank)
-    meter = measure.StepMeter(profile, shape, cuda, nvml)
+    # FLOPs (MFU) count the model's real vocabulary, not the padding rows.
+    meter = measure.StepMeter(model_setup.flops_profile(spec, profile), shape, cuda, nvml)
     phases = measure.PhasePeaks(cuda)
     batches = data.batches(profile, image_token_id, spec, rank, world_size)
     losses = result.setdefault("losses", [])
     profiler = measure.StepProfiler.from_environment(cuda, rank)
     for index in range(spec.steps):
-        batch = next(batches)
-        inputs = {k: v.to(device) for k, v in batch.inputs.items()}
-        if "pixel_values" in inputs:
-            inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
-        # No KV cache in training; with one, transformers also ignores packed position_ids.
-        inputs["use_cache"] = False
-        with profiler.around(index == spec.steps - 1), meter.step(batch):
-            with phases.phase("forward"):
-                loss = engine(**inputs).loss
-            with phases.phase("backward"):
-                engine.backward(loss)
-            with phases.phase("step"):
-                engine.step()
-        losses.append(mean_over_ranks(loss.detach().float()))
+        micro = [next(batches) for _ in range(spec.gradient_accumulation)]
+        step_loss = 0.0
+        with profiler.around(index == spec.steps - 1), meter.step(data.merged(micro)):
+            for batch in micro:
+                inputs = model_inputs(batch, spec, device)
+                with phases.phase("forward"):
+                    loss = engine(**inputs).loss
+                with phases.phase("backward"):
+                    engine.backward(loss)
+                with phases.phase("step"):
+                    engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary
+                step_loss = step_loss + loss.detach().float()
+        losses.append(mean_over_ranks(step_loss / len(micro)))
 
     step_peaks = measure.memory_peaks(cuda)
     if phases.allocated:  # the counters were reset per phase: the steps' peak is the largest phase's
@@ -132,6 +134,24 @@ def train(spec: RunSpec, cuda: bool, rank: int, world_size: int, local_rank: int
     result.update(collect(spec, profile, gpu, meter, init_peaks, step_peaks, world_size))
     result["per_rank_phase_peaks"] = measure.gather_to_all(phases.as_dict())
     result.update(measure.environment(cuda, nvml))
+
+
+def model_inputs(batch, spec: RunSpec, device) -> dict:
+    """The micro-batch's tensors on the device, bf16 pixels, and varlen attention's sample bounds."""
+    import torch
+
+    inputs = {k: v.to(device, non_blocking=True) for k, v in batch.inputs.items()}
+    if "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
+    if spec.attn_implementation == "varlen":
+        from zeroplan.runner.fast import varlen_kwargs
+
+        bounds = varlen_kwargs(batch.inputs["position_ids"])
+        bounds["cu_seq_lens_q"] = bounds["cu_seq_lens_k"] = bounds["cu_seq_lens_q"].to(device)
+        inputs.update(bounds)
+    # No KV cache in training; with one, transformers also ignores packed position_ids.
+    inputs["use_cache"] = False
+    return inputs
 
 
 def predicted_step(profile, shape, plan, gpu) -> dict:
