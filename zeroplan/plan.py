@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, replace
 from zeroplan.errors import InvalidInput
 
 OFFLOAD_DEVICES = ("none", "cpu", "nvme")
-KERNELS = ("eager", "liger")
+KERNELS = ("eager", "liger", "liger-loss")
 MAX_GPUS = 1 << 20
 
 
@@ -32,7 +32,8 @@ class TrainShape:
     `kernels` is how the model's elementwise work and loss run: "eager" is transformers' own
     modules (the loss upcasts the whole [tokens, vocab] logits to fp32); "liger" is Liger-Kernel's
     fused RMSNorm/LayerNorm, SwiGLU, RoPE and fused linear cross-entropy (logits are never
-    materialised whole).
+    materialised whole); "liger-loss" is only the fused linear cross-entropy (the layers stay
+    transformers' own, e.g. for torch.compile to fuse).
     """
 
     micro_batch: int = 1

@@ -109,13 +109,17 @@ def attn_config(config, attn_implementation: str) -> None:
         config._attn_implementation = attn_implementation
 
 
-def apply_liger(model, zero3: bool) -> None:
-    """Liger-Kernel's InternVL patch on the built model. Its fused linear cross-entropy reads
-    lm_head.weight outside lm_head's own forward, so under ZeRO-3 the weight is registered as an
-    external parameter of the model (gathered for the whole forward/backward)."""
+def apply_liger(model, zero3: bool, loss_only: bool = False) -> None:
+    """Liger-Kernel's InternVL patch on the built model (`loss_only`: just the fused linear
+    cross-entropy). The fused loss reads lm_head.weight outside lm_head's own forward, so under
+    ZeRO-3 the weight is registered as an external parameter of the model (gathered for the whole
+    forward/backward)."""
     from liger_kernel.transformers import apply_liger_kernel_to_internvl
 
-    apply_liger_kernel_to_internvl(model=model)
+    if loss_only:
+        apply_liger_kernel_to_internvl(model=model, rms_norm=False, layer_norm=False, rope=False, swiglu=False)
+    else:
+        apply_liger_kernel_to_internvl(model=model)
     if zero3:
         import deepspeed
 

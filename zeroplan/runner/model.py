@@ -164,9 +164,9 @@ def speed_up(model, spec) -> dict:
     from zeroplan.runner import fast
 
     applied = {}
-    if spec.kernels == "liger":
-        fast.apply_liger(model, spec.stage == 3)
-        applied["kernels"] = "liger"
+    if spec.kernels in ("liger", "liger-loss"):
+        fast.apply_liger(model, spec.stage == 3, loss_only=spec.kernels == "liger-loss")
+        applied["kernels"] = spec.kernels
     if spec.compile:
         applied["compiled_layers"] = fast.compile_layers(model)
     return applied
