@@ -60,7 +60,7 @@ class Grid:
 @dataclass(frozen=True)
 class Sweep:
     """A grid plus how its points are launched. `variants` (the TOML's [[variants]] tables) are
-    sets of [run] settings; the grid is run once under each (e.g. the plain loop, then packing
+    sets of [run] settings and grid axes that replace the sweep's own; the grid is run once under each (e.g. the plain loop, then packing
     with varlen attention, then fused kernels), so before and after share one results file."""
 
     grid: Grid
@@ -161,11 +161,16 @@ def load_sweep(path: str | Path) -> Sweep:
     variants_data = data.get("variants", [])
     if not isinstance(variants_data, list) or not all(isinstance(v, dict) for v in variants_data):
         raise InvalidInput(f"{path}: variants must be [[variants]] tables of [run] settings")
+    variants_axes, variants_run = [], []
     for index, variant in enumerate(variants_data):
-        _reject_unknown(variant, RUN_KEYS, f"{path} [[variants]] #{index + 1}")
+        where = f"{path} [[variants]] #{index + 1}"
+        _reject_unknown(variant, RUN_KEYS + tuple(GRID_KEYS), where)
+        variants_axes.append({**axes, **{GRID_KEYS[key]: _axis(value, key, where)
+                                         for key, value in variant.items() if key in GRID_KEYS}})
+        variants_run.append({**run_data, **{key: value for key, value in variant.items() if key in RUN_KEYS}})
     try:
         grid = Grid(**axes, **run_data)
-        variants = tuple(Grid(**axes, **{**run_data, **variant}) for variant in variants_data)
+        variants = tuple(Grid(**a, **r) for a, r in zip(variants_axes, variants_run))
         return Sweep(grid=grid, name=str(data.get("name", path.stem)), launcher=data.get("launcher", "torchrun"),
                      timeout_s=data.get("timeout_s", 600.0), variants=variants)
     except TypeError as error:
