@@ -21,7 +21,8 @@ from zeroplan.atomic import write_files_atomic
 from zeroplan.calibrate import points_from_records
 from zeroplan.jsonl import read
 from zeroplan.memory import estimate
-from zeroplan.profiles import load_gpu, load_model
+from zeroplan.profiles import load_gpu
+from zeroplan.records import drawn_tiles, record_profile
 from zeroplan.steptime import step_time
 
 CALIBRATION_SWEEPS = ("h100_check", "h100_matrix_long", "h100_stages_4b")
@@ -39,18 +40,23 @@ def rows_for(sweep: Path, calibrated, plain) -> list[dict]:
             fake = dict(record, status="ok", measured_peak_allocated_bytes=1, measured_peak_reserved_bytes=1,
                         step_time_s=record.get("step_time_s") or 0.0)
             point = points_from_records([fake])[0]
-        profile = load_model(point.model)
-        with_cal = estimate(profile, point.shape, point.plan, calibrated)
-        without = estimate(profile, point.shape, point.plan, plain)
-        time_cal = step_time(profile, point.shape, point.plan, calibrated, 1)
-        time_plain = step_time(profile, point.shape, point.plan, plain, 1)
+        profile = record_profile(record)
+        steps, accumulation = point.step_tiles, point.gradient_accumulation
+        with_cal = estimate(profile, point.shape, point.plan, calibrated, steps, accumulation)
+        without = estimate(profile, point.shape, point.plan, plain, steps, accumulation)
+        time_cal = step_time(profile, point.spec_shape, point.plan, calibrated, 1)
+        time_plain = step_time(profile, point.spec_shape, point.plan, plain, 1)
         baseline = ((record.get("deepspeed_estimator_bytes") or {}).get("for_stage") or {}).get("gpu_bytes")
         spec = record["spec"]
         row = {
             "sweep": sweep.name, "model": record["model"], "stage": spec["stage"], "micro_batch": spec["micro_batch"],
             "seq_len": spec["seq_len"], "tiles": spec["tiles"], "fixed_tiles": spec.get("fixed_tiles", False),
+            "largest_tiles": point.shape.tiles, "tiles_source": drawn_tiles(record)[1], "step_tiles": steps,
             "grad_ckpt": spec["grad_ckpt"], "frozen": spec.get("frozen", []), "lora_rank": spec.get("lora_rank", 0),
             "offload_optimizer": spec.get("offload_optimizer", "none"), "status": status,
+            "kernels": spec.get("kernels", "eager"), "packed": spec.get("packed", False),
+            "compile": spec.get("compile", False), "gradient_accumulation": accumulation,
+            "vocab_multiple": spec.get("vocab_multiple", 1), "not_modelled": not_modelled(spec),
             "in_calibration_set": sweep.name in CALIBRATION_SWEEPS,
             "predicted_allocated": with_cal.peak_allocated, "predicted_reserved_calibrated": with_cal.peak_reserved,
             "predicted_reserved_uncalibrated": without.peak_reserved,
@@ -66,11 +72,27 @@ def rows_for(sweep: Path, calibrated, plain) -> list[dict]:
                        error_allocated=(with_cal.peak_allocated - measured_alloc) / measured_alloc,
                        error_reserved_calibrated=(with_cal.peak_reserved - measured_res) / measured_res,
                        error_reserved_uncalibrated=(without.peak_reserved - measured_res) / measured_res,
+                       error_nvml_calibrated=relative(with_cal.peak, record.get("nvml_peak_used_bytes")),
+                       error_nvml_uncalibrated=relative(without.peak, record.get("nvml_peak_used_bytes")),
                        error_deepspeed=(baseline - measured_alloc) / measured_alloc if baseline else None,
                        error_step_calibrated=(time_cal.step_s - record["step_time_s"]) / record["step_time_s"],
                        error_step_uncalibrated=(time_plain.step_s - record["step_time_s"]) / record["step_time_s"])
         rows.append(row)
     return rows
+
+
+def not_modelled(spec: dict) -> str:
+    """Why a run's memory lies outside what zeroplan models ('' when it is modelled): torch.compile
+    lets Inductor choose what to save; optimizer offload's GPU-side staging buffers are not replayed."""
+    if spec.get("compile"):
+        return "torch.compile (Inductor picks the saved tensors)"
+    if spec.get("offload_optimizer", "none") != "none":
+        return "optimizer offload (GPU staging buffers not replayed)"
+    return ""
+
+
+def relative(predicted: int, measured: int | None) -> float | None:
+    return (predicted - measured) / measured if measured else None
 
 
 def summary(values: list[float]) -> str:
@@ -89,6 +111,17 @@ def label(row: dict) -> str:
         parts.append(f"LoRA {row['lora_rank']}")
     if row["offload_optimizer"] != "none":
         parts.append("opt offload")
+    if row["tiles_source"].startswith("replayed") and row["largest_tiles"] != row["tiles"]:
+        parts.append(f"largest micro-batch {row['largest_tiles']} tiles/sample")
+    for key, text in (("packed", "packed varlen"), ("compile", "compiled")):
+        if row.get(key):
+            parts.append(text)
+    if row.get("kernels", "eager") != "eager":
+        parts.append(row["kernels"])
+    if row.get("gradient_accumulation", 1) > 1:
+        parts.append(f"GAS {row['gradient_accumulation']}")
+    if row.get("vocab_multiple", 1) > 1:
+        parts.append(f"vocab/{row['vocab_multiple']}")
     return ", ".join(parts)
 
 
@@ -106,35 +139,55 @@ def gib(value) -> str:
 
 def render(rows: list[dict], device: str, when: str) -> str:
     ok = [r for r in rows if r["status"] == "ok"]
-    out_of_sample = [r for r in ok if not r["in_calibration_set"]]
-    fixed = [r for r in ok if r["fixed_tiles"] or r["tiles"] <= 1]
+    modelled = [r for r in ok if not r["not_modelled"]]
+    out_of_sample = [r for r in modelled if not r["in_calibration_set"]]
+    fixed = [r for r in modelled if r["fixed_tiles"] or r["tiles"] <= 1]
+    liger = [r for r in modelled if r["kernels"] != "eager"]
     lines = [
         "# Accuracy of zeroplan's memory and step-time models on one H100",
         "",
         f"- device: {device}; runs made on {when} (see each sweep's results.jsonl for its date and versions)",
         "- produced by: `.venv/bin/python benchmarks/accuracy_report.py` from `reports/h100_*/results.jsonl`",
         "- measured peak allocated = `torch.cuda.max_memory_allocated()` over the training steps; reserved = "
-        "`torch.cuda.max_memory_reserved()`; DeepSpeed's estimator = `estimate_zero2/3_model_states_mem_needs` "
-        "for the run's stage (model states only, so its error shows what it leaves out)",
-        "- calibrated = the [calibrated] constants of profiles/gpus/h100-80gb.toml, fitted by `zeroplan calibrate` "
-        f"on {', '.join(CALIBRATION_SWEEPS)}; uncalibrated = the same profile without them",
-        "- `~` tiles: the sweep drew 4-10 tiles per sample around that mean, so the peak step can hold more tiles than "
-        "the prediction assumes; the fixed-tile reruns (h100_fixed_tiles) isolate that",
+        "`torch.cuda.max_memory_reserved()`; NVML = the peak 'used' memory NVML reported; DeepSpeed's estimator = "
+        "`estimate_zero2/3_model_states_mem_needs` for the run's stage (model states only, so its error shows what "
+        "it leaves out)",
+        "- predicted allocated: zeroplan.memory's phases over zeroplan.activations' saved tensors; predicted reserved: "
+        "the caching allocator's rules (zeroplan.allocator) replayed over the steps' allocations and frees "
+        "(zeroplan.step_events); nothing in either is fitted to these runs",
+        "- calibrated = the [calibrated] constants of profiles/gpus/h100-80gb.toml, measured by `zeroplan calibrate` "
+        f"on {', '.join(CALIBRATION_SWEEPS)} (the CUDA context, so it moves the NVML-level peak; reserved memory "
+        "differs only through the usable capacity); uncalibrated = the same profile without them",
+        "- tiles: the runs before commit 7f0861d drew 4-10 tiles per sample around the spec's 7 (`~`); each run is "
+        "predicted for its largest micro-batch, from the recorded `step_tiles` or, for older records, the runner's "
+        "draw replayed and checked against the recorded `tiles_per_sample` (zeroplan.records); the replayed allocator "
+        "also gets every step's tiles",
+        "- not modelled (reported, left out of the target figures): torch.compile runs and optimizer offload",
         "",
         "## Summary",
         "",
-        f"- peak allocated, every run: {summary([r['error_allocated'] for r in ok])}",
-        f"- peak allocated, runs with exactly the predicted tiles: {summary([r['error_allocated'] for r in fixed])}",
+        f"- peak allocated, every modelled run: {summary([r['error_allocated'] for r in modelled])}",
+        f"- peak allocated, runs with exactly the spec's tiles: {summary([r['error_allocated'] for r in fixed])}",
         f"- peak allocated, out of the calibration set: {summary([r['error_allocated'] for r in out_of_sample])}",
+        f"- peak allocated, Liger-Kernel runs: {summary([r['error_allocated'] for r in liger])}",
         f"- under-estimates of peak allocated by more than 5 %: "
-        f"{sum(1 for r in ok if r['error_allocated'] < -0.05)} of {len(ok)}",
-        f"- peak reserved, calibrated: {summary([r['error_reserved_calibrated'] for r in ok])}; uncalibrated: "
-        f"{summary([r['error_reserved_uncalibrated'] for r in ok])}",
+        f"{sum(1 for r in ok if r['error_allocated'] < -0.05)} of {len(ok)} (every finished run)",
+        f"- peak reserved, every modelled run, calibrated: {summary([r['error_reserved_calibrated'] for r in modelled])}; "
+        f"uncalibrated: {summary([r['error_reserved_uncalibrated'] for r in modelled])}",
+        f"- under-estimates of peak reserved by more than 5 %: "
+        f"{sum(1 for r in modelled if r['error_reserved_calibrated'] < -0.05)} of {len(modelled)}",
+        f"- NVML peak used (reserved + CUDA context), calibrated: "
+        f"{summary([r['error_nvml_calibrated'] for r in modelled if r['error_nvml_calibrated'] is not None])}; "
+        f"uncalibrated: {summary([r['error_nvml_uncalibrated'] for r in modelled if r['error_nvml_uncalibrated'] is not None])}",
         f"- DeepSpeed's estimator against peak allocated: "
         f"{summary([r['error_deepspeed'] for r in ok if r['error_deepspeed'] is not None])}",
         f"- step time, calibrated: {summary([r['error_step_calibrated'] for r in ok if r['offload_optimizer'] == 'none'])}; "
         f"uncalibrated: {summary([r['error_step_uncalibrated'] for r in ok if r['offload_optimizer'] == 'none'])}",
     ]
+    for r in ok:
+        if r["not_modelled"]:
+            lines.append(f"- not modelled: {r['sweep']} {r['model']} stage {r['stage']} ({label(r)}): {r['not_modelled']}; "
+                         f"allocated {pct(r['error_allocated'])}, reserved {pct(r['error_reserved_calibrated'])}")
     ooms = [r for r in rows if r["status"] == "oom"]
     predicted_oom = sum(1 for r in ooms if r["predicted_peak_calibrated"] > r["capacity"])
     fits_ok = sum(1 for r in ok if r["predicted_peak_calibrated"] <= r["capacity"])
@@ -145,9 +198,9 @@ def render(rows: list[dict], device: str, when: str) -> str:
         "## Every run",
         "",
         "| sweep | model | stage | shape | status | measured alloc GiB | predicted alloc GiB | error | measured reserved GiB "
-        "| predicted reserved (cal / uncal) GiB | error (cal / uncal) | DeepSpeed estimator GiB | its error | "
-        "measured step s | predicted step s (cal / uncal) | MFU |",
-        "|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| predicted reserved (cal / uncal) GiB | error (cal / uncal) | NVML error (cal / uncal) | DeepSpeed estimator GiB "
+        "| its error | measured step s | predicted step s (cal / uncal) | MFU |",
+        "|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
@@ -156,6 +209,7 @@ def render(rows: list[dict], device: str, when: str) -> str:
             f"| {pct(r.get('error_allocated'))} | {gib(r.get('measured_reserved'))} "
             f"| {gib(r['predicted_reserved_calibrated'])} / {gib(r['predicted_reserved_uncalibrated'])} "
             f"| {pct(r.get('error_reserved_calibrated'))} / {pct(r.get('error_reserved_uncalibrated'))} "
+            f"| {pct(r.get('error_nvml_calibrated'))} / {pct(r.get('error_nvml_uncalibrated'))} "
             f"| {gib(r['deepspeed_estimator'])} | {pct(r.get('error_deepspeed'))} "
             f"| {r.get('measured_step_s') or 0:.3f} | {r['predicted_step_s_calibrated']:.3f} / "
             f"{r['predicted_step_s_uncalibrated']:.3f} | {mfu(r)} |")

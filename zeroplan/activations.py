@@ -33,6 +33,7 @@ class ActivationBytes:
     logits_backward_transient: int
     recompute_transient: int
     vision_forward_transient: int
+    llm_layer_saved: int = 0
 
     @property
     def saved(self) -> int:
@@ -64,23 +65,87 @@ def vision_layer_bytes_per_token(vision: VisionTower) -> int:
     return elements * BF16 + stats
 
 
-def llm_layer_bytes_per_token(llm: LanguageModel, lora_rank: int = 0) -> int:
+def llm_layer_bytes_per_token(llm: LanguageModel, lora_rank: int = 0, kernels: str = "eager",
+                              packed: bool = False) -> int:
     """One decoder layer, per token. Each RMSNorm upcasts to fp32 and saves that (4H), its bf16
     normalised value (2H, for the weight's gradient) and its output (2H, the next Linear's input).
-    Rotary embedding saves q, k and their rotate_half copies; flash sdpa with GQA (no repeat_kv when
-    there is no mask) saves rotated q, k, v and its output; o_proj's input is a contiguous copy. The
-    SwiGLU MLP keeps gate, up, SiLU(gate) and the product (down_proj's input). LoRA (PEFT, dropout
-    0.05) adds per adapted Linear a dropout output and its mask, and the rank-r intermediate."""
+    Rotary embedding saves nothing per token: `q * cos + rotate_half(q) * sin` multiplies by cos/sin,
+    which need no gradient, so MulBackward keeps only cos and sin ([seq, head_dim], shared by every
+    layer), and cat/neg/slice keep shapes only. Flash sdpa with GQA (enable_gqa, no repeat_kv when
+    there is no mask) saves rotated q, k (kv heads), v, its output and an fp32 log-sum-exp per head;
+    the kernel lays its output out as [b, s, h, d], so `transpose(1, 2).contiguous()` is a view and
+    o_proj saves that same storage. The SwiGLU MLP keeps gate (SiLU's input), SiLU(gate) and up (the
+    product's factors) and the product (down_proj's input). LoRA (PEFT, dropout 0.05) adds per
+    adapted Linear a dropout output and its mask, and the rank-r intermediate. Packed rows go
+    through the runner's varlen attention (zeroplan.runner.fast.varlen_attention), which
+    repeat_interleaves k and v to every query head before torch's varlen kernel, so the kernel
+    saves k and v at query width (and its output and log-sum-exp, as flash does).
+    Checked by counting autograd's saved storages of transformers' Qwen2/Llama decoder layer
+    (benchmarks/saved_tensors.py)."""
     hidden, inter = llm.hidden_size, llm.intermediate_size
     q_width, kv_width = llm.num_heads * llm.head_dim, llm.num_kv_heads * llm.head_dim
-    norms = 2 * (FP32 * hidden + BF16 * hidden + BF16 * hidden) + 2 * FP32
-    attention = BF16 * (5 * q_width + 4 * kv_width) + llm.num_heads * FP32
-    mlp = BF16 * 4 * inter
+    saved_kv_width = q_width if packed else kv_width
+    attention = BF16 * (2 * q_width + 2 * saved_kv_width) + llm.num_heads * FP32
+    if kernels == "liger":
+        norms, mlp = 2 * liger_rms_norm_bytes_per_token(hidden), liger_swiglu_bytes_per_token(inter)
+    else:
+        norms, mlp = 2 * (FP32 * hidden + BF16 * hidden + BF16 * hidden) + 2 * FP32, BF16 * 4 * inter
     total = norms + attention + mlp
     if lora_rank:
         adapted_inputs = 4 * hidden + q_width + 2 * hidden + inter  # q,k,v,o ; gate,up ; down
         total += (BF16 + 1) * adapted_inputs + BF16 * lora_rank * LORA_DROPOUT_TARGETS_PER_LAYER
     return total
+
+
+def liger_rms_norm_bytes_per_token(hidden: int) -> int:
+    """Liger's RMSNorm (ops/rms_norm.py LigerRMSNormFunction) saves its bf16 input X and an fp32
+    RSTD per row, computing in fp32 inside the kernel; its bf16 output is the next Linear's
+    input. Liger's RoPE (ops/rope.py) rotates q and k in place and saves only cos and sin, as eager
+    rotary does, so attention saves the same as under eager kernels."""
+    return BF16 * hidden + BF16 * hidden + FP32
+
+
+def liger_swiglu_bytes_per_token(inter: int) -> int:
+    """LigerSiLUMulFunction (ops/swiglu.py) saves gate and up and recomputes SiLU in backward;
+    the product is down_proj's input: three [tokens, intermediate] tensors instead of four."""
+    return BF16 * 3 * inter
+
+
+def fused_linear_cross_entropy_chunk(tokens: int, hidden: int, vocab: int) -> int:
+    """Rows per chunk of Liger's fused linear cross-entropy (ops/fused_linear_cross_entropy.py):
+    next_power_of_2(ceil(BT / ceil(V / H))), at most BT."""
+    inc_factor = -(-vocab // hidden)
+    rows = -(-tokens // inc_factor)
+    return min(1 << max(0, (rows - 1).bit_length()), tokens)
+
+
+def loss_bytes(llm: LanguageModel, tokens: int, kernels: str, head_grad: bool) -> tuple[int, int]:
+    """(forward transient, backward transient) of the loss, bytes.
+
+    Eager (transformers' ForCausalLMLoss): logits_bytes_per_token per token.
+    Liger's fused linear cross-entropy never makes the [tokens, vocab] logits: its forward
+    allocates grad_input ([tokens, hidden] bf16) and, when lm_head trains, grad_weight ([vocab,
+    hidden] bf16, accum_dtype None), and fills them chunk by chunk from a bf16 [chunk, vocab]
+    logits block (torch.mm, the CE kernel overwrites it with its gradient) and a [chunk, hidden]
+    product; both gradients are saved for backward, which hands them back unchanged when the
+    loss's gradient is 1."""
+    if kernels == "eager":
+        forward, backward = logits_bytes_per_token(llm.vocab_size)
+        return forward * tokens, backward * tokens
+    grads = BF16 * tokens * llm.hidden_size + (BF16 * llm.vocab_size * llm.hidden_size if head_grad else 0)
+    chunk = fused_linear_cross_entropy_chunk(tokens, llm.hidden_size, llm.vocab_size)
+    return grads + BF16 * chunk * (llm.vocab_size + llm.hidden_size), grads
+
+
+def final_norm_bytes_per_token(hidden: int, kernels: str) -> int:
+    """The final RMSNorm's saved tensors. Eager: fp32 upcast, bf16 normalised value and the output
+    that lm_head saves. The fused linear cross-entropy saves no input, so the output is not kept;
+    Liger's own RMSNorm keeps its bf16 input and RSTD."""
+    if kernels == "liger":
+        return BF16 * hidden + FP32
+    if kernels == "liger-loss":
+        return (FP32 + BF16) * hidden
+    return (FP32 + 2 * BF16) * hidden
 
 
 def projector_bytes_per_image_token(profile: ModelProfile) -> int:
@@ -110,7 +175,7 @@ def activation_bytes(profile: ModelProfile, shape: TrainShape) -> ActivationByte
     llm_grad_flows = shape.trains("llm") or bool(shape.lora_rank) or projector_grad_flows
 
     per_vision_layer = vision_layer_bytes_per_token(vision) * patch_tokens
-    per_llm_layer = llm_layer_bytes_per_token(llm, shape.lora_rank) * tokens
+    per_llm_layer = llm_layer_bytes_per_token(llm, shape.lora_rank, shape.kernels, shape.packed) * tokens
     if shape.grad_ckpt:
         vision_saved = vision.num_layers * BF16 * vision.hidden_size * patch_tokens if vision_grad_flows else 0
         llm_saved = llm.num_layers * BF16 * llm.hidden_size * tokens
@@ -121,14 +186,16 @@ def activation_bytes(profile: ModelProfile, shape: TrainShape) -> ActivationByte
         recompute = 0
     if not llm_grad_flows:
         llm_saved, recompute = 0, 0
-    final_norm = (FP32 + 2 * BF16) * llm.hidden_size * tokens
-    logits_forward, logits_backward = logits_bytes_per_token(llm.vocab_size)
+    final_norm = final_norm_bytes_per_token(llm.hidden_size, shape.kernels) * tokens
+    head_grad = shape.trains("llm") and not llm.tie_word_embeddings
+    logits_forward, logits_backward = loss_bytes(llm, tokens, shape.kernels, head_grad)
     return ActivationBytes(
         vision_saved=vision_saved,
         projector_saved=projector_bytes_per_image_token(profile) * image_tokens if projector_grad_flows else 0,
         llm_saved=llm_saved + final_norm,
-        logits_forward_transient=logits_forward * tokens,
-        logits_backward_transient=logits_backward * tokens,
+        logits_forward_transient=logits_forward,
+        logits_backward_transient=logits_backward,
         recompute_transient=recompute,
         vision_forward_transient=0 if vision_grad_flows else per_vision_layer,
+        llm_layer_saved=llm_saved // llm.num_layers,
     )

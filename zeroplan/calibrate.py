@@ -1,15 +1,20 @@
 """Device constants measured from a user's own benchmark runs (`zeroplan bench` results).
 
-Five numbers depend on the GPU, driver and PyTorch build rather than on the model, and no
+Four numbers depend on the GPU, driver and PyTorch build rather than on the model, and no
 datasheet gives them. Each is read off the runs by one rule:
 
 - cuda_context_bytes: NVML's peak 'used' minus torch's peak reserved (the CUDA context, NCCL and
   cuBLAS workspaces that torch's allocator does not see), the median over runs;
-- fragmentation_blocks: torch's peak reserved minus peak allocated, in fp32 logits blocks of the
-  run (tokens × vocabulary × 4 bytes; see zeroplan.memory.reserved_bytes), the median;
 - compute_efficiency, layer_overhead_s, stage3_module_overhead_s: a least-squares fit of the
   measured step times to  step = FLOPs / (peak · efficiency) + layers · layer_overhead
   + partitioned modules · stage3_module_overhead  (zeroplan.steptime's terms).
+
+The reserved memory above the allocated one is not a constant: zeroplan.memory replays the
+caching allocator's rules (zeroplan.allocator) over the run's allocations. Calibration checks that
+replay on the user's runs and records its median and worst relative error
+(allocator_replay_median_error, allocator_replay_worst_error): large values mean this PyTorch
+build allocates differently (e.g. `expandable_segments`), not a factor to multiply by; estimates
+do not read them.
 
 Only single-GPU runs that finished (status ok) without offload are used for the step-time fit.
 Pure Python: the 3×3 normal equations are solved by hand.
@@ -24,11 +29,13 @@ from zeroplan.errors import InvalidInput
 from zeroplan.flops import backward_factors, shape_flops
 from zeroplan.plan import Plan, TrainShape
 from zeroplan.profiles import GPUProfile, load_model
-
+from zeroplan.records import gradient_accumulation, record_profile, record_shape, spec_shape, step_tiles
 
 @dataclass(frozen=True)
 class RunPoint:
-    """What calibration needs from one result line."""
+    """What calibration needs from one result line: the shape it really ran (tiles of its largest
+    micro-batch; zeroplan.records), the spec's shape for the step-time fit, each step's tiles and
+    the micro-steps per step for the memory replay."""
 
     shape: TrainShape
     plan: Plan
@@ -37,6 +44,10 @@ class RunPoint:
     peak_allocated_bytes: int
     peak_reserved_bytes: int
     nvml_used_bytes: int | None
+    spec_shape: TrainShape | None = None
+    step_tiles: tuple[int, ...] | None = None
+    gradient_accumulation: int = 1
+    vocab_multiple: int = 1
 
 
 def points_from_records(records: list[dict]) -> list[RunPoint]:
@@ -48,16 +59,16 @@ def points_from_records(records: list[dict]) -> list[RunPoint]:
         spec = record.get("spec") or {}
         if record.get("status") != "ok" or not record.get("measured_peak_allocated_bytes") or not spec:
             continue
-        profile = load_model(record["model"])
-        shape = TrainShape(micro_batch=spec["micro_batch"], seq_len=spec["seq_len"], tiles=spec["tiles"],
-                           grad_ckpt=spec["grad_ckpt"], frozen=frozenset(spec.get("frozen", ())),
-                           lora_rank=spec.get("lora_rank", 0))
+        profile = record_profile(record)
+        shape = record_shape(record)
         plan = tuned_plan(profile, shape, Plan(stage=spec["stage"], gpus_per_node=spec.get("world_size", 1),
                                                offload_optimizer=spec.get("offload_optimizer", "none"),
                                                offload_params=spec.get("offload_params", "none")))
         points.append(RunPoint(shape, plan, record["model"], float(record["step_time_s"]),
                                int(record["measured_peak_allocated_bytes"]),
-                               int(record["measured_peak_reserved_bytes"]), record.get("nvml_peak_used_bytes")))
+                               int(record["measured_peak_reserved_bytes"]), record.get("nvml_peak_used_bytes"),
+                               spec_shape(record), step_tiles(record), gradient_accumulation(record),
+                               int(spec.get("vocab_multiple", 1))))
     return points
 
 
@@ -82,10 +93,11 @@ def step_features(point: RunPoint, gpu: GPUProfile) -> list[float]:
     from zeroplan.steptime import partitioned_module_count
 
     profile = load_model(point.model)
-    flops = shape_flops(profile, point.shape)
-    factors = backward_factors(point.shape)
+    shape = point.spec_shape or point.shape
+    flops = shape_flops(profile, shape)
+    factors = backward_factors(shape)
     recompute = 0
-    if point.shape.grad_ckpt:
+    if shape.grad_ckpt:
         recompute = (flops.llm_forward if factors["llm"] else 0) + (flops.vision_forward if factors["vision"] == 2 else 0)
     modules = partitioned_module_count(profile, point.plan) if point.plan.stage == 3 else 0
     return [(flops.total + recompute) / (gpu.bf16_dense_tflops * 1e12),
@@ -110,26 +122,33 @@ def fit_step_time(points: list[RunPoint], gpu: GPUProfile) -> dict[str, float]:
             "stage3_module_overhead_s": round(max(module_overhead, 0.0), 7)}
 
 
-def fit_memory(points: list[RunPoint]) -> dict[str, float | int]:
-    """CUDA context and allocator fragmentation, medians over the runs."""
+def fit_memory(points: list[RunPoint], gpu: GPUProfile) -> dict[str, float | int]:
+    """The CUDA context (median over the runs), and the allocator replay's error on the runs'
+    reserved peaks as a check (see the module docstring)."""
+    from zeroplan.memory import estimate
+    from zeroplan.runner.fast import padded_profile
+
     if not points:
         raise InvalidInput("no finished GPU run in the results: nothing to calibrate from")
-    blocks = []
-    for point in points:
-        vocab = load_model(point.model).llm.vocab_size
-        block = 4 * point.shape.micro_batch * point.shape.seq_len * vocab
-        blocks.append((point.peak_reserved_bytes - point.peak_allocated_bytes) / block)
-    out: dict[str, float | int] = {"fragmentation_blocks": round(statistics.median(blocks), 3)}
+    out: dict[str, float | int] = {}
     contexts = [p.nvml_used_bytes - p.peak_reserved_bytes for p in points if p.nvml_used_bytes]
     if contexts:
         out["cuda_context_bytes"] = int(statistics.median(contexts))
+    errors = []
+    for point in points:
+        profile = padded_profile(load_model(point.model), point.vocab_multiple)
+        predicted = estimate(profile, point.shape, point.plan, gpu, point.step_tiles,
+                             point.gradient_accumulation).peak_reserved
+        errors.append(abs(predicted - point.peak_reserved_bytes) / point.peak_reserved_bytes)
+    out["allocator_replay_median_error"] = round(statistics.median(errors), 4)
+    out["allocator_replay_worst_error"] = round(max(errors), 4)
     return out
 
 
 def calibrate(records: list[dict], gpu: GPUProfile) -> dict[str, float | int]:
     """Every constant the runs determine, plus how many runs each came from."""
     points = points_from_records(records)
-    constants = fit_memory(points)
+    constants = fit_memory(points, gpu)
     constants.update(fit_step_time(points, gpu))
     constants["runs"] = len(points)
     return constants

@@ -4,7 +4,10 @@ gradients are not all alive at once).
 
 Model-state bytes come from zeroplan.partition (exact ZeRO partitions, checked against real
 DeepSpeed engines), activations from zeroplan.activations; this module adds DeepSpeed's
-communication buffers, the allocator's and CUDA's overhead, and takes the peak.
+communication buffers and takes the allocated peak over the phases. The reserved peak (what
+decides an out-of-memory error) comes from replaying PyTorch's caching allocator over the steps'
+allocations and frees (zeroplan.allocator, zeroplan.step_events); the CUDA context on top is the
+device profile's, measured by `zeroplan calibrate`.
 """
 
 from __future__ import annotations
@@ -13,16 +16,19 @@ from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 
 from zeroplan.activations import ActivationBytes, activation_bytes
-from zeroplan.params import count_parameters
-from zeroplan.partition import ModelStateBytes, model_state_bytes, optimizer_step_grad_bytes
+from zeroplan.allocator import replay
+from zeroplan.params import count_parameters, model_tensors
+from zeroplan.partition import ModelStateBytes, model_state_bytes, optimizer_step_grad_bytes, trainable_numels
 from zeroplan.plan import Plan, TrainShape
 from zeroplan.profiles import GPUProfile, ModelProfile
+from zeroplan.step_events import training_events
 
 BF16 = 2
 FP32 = 4
-# Reserved minus allocated at the peak, in fp32 logits blocks (see reserved_bytes): a round guess
-# until `zeroplan calibrate` measures it for a device (2.54 on the lent H100, torch 2.11).
-DEFAULT_FRAGMENTATION_BLOCKS = 2.0
+# Steps replayed when a run's own tiles per step are not given: the first step makes Adam's states
+# (torch AdamW creates them lazily), the second shows the steady state; further steps of the same
+# shape move the replayed reserved peak by under 0.4 % over the H100 matrix (reports/accuracy).
+RUNNER_STEPS = 2
 
 
 @dataclass(frozen=True)
@@ -117,8 +123,66 @@ def _full_grad_of_lm_head(profile: ModelProfile, shape: TrainShape, plan: Plan) 
     return BF16 * profile.llm.vocab_size * profile.llm.hidden_size
 
 
+def layers_done_at_first_reduce(profile: ModelProfile, shape: TrainShape, plan: Plan) -> int:
+    """LLM layers whose backward has finished when ZeRO-1/2 reduce their first full bucket.
+
+    Gradient hooks fire in backward order (lm_head, the final norm, then the layers from the last
+    one down); DeepSpeedZeroOptimizer.reduce_independent_p_g_buckets_and_remove_grads reduces when
+    the next gradient would overflow reduce_bucket_size, and only then allocates the reduced
+    partition (copy_grads_in_partition). Every layer whose gradients are all in that bucket has
+    released its saved activations by then."""
+    if plan.stage not in (1, 2) or not shape.trains("llm"):
+        return 0
+    llm = [t for t in model_tensors(profile) if t.tower == "llm" and "embed_tokens" not in t.name]
+    filled = 0
+    pending: dict[str, int] = {}
+    for tensor in reversed(llm):
+        if filled + tensor.numel > plan.reduce_bucket_elems:
+            break
+        filled += tensor.numel
+        layer = _layer_of(tensor.name)
+        if layer is not None:
+            pending[layer] = pending.get(layer, 0) + 1
+    per_layer: dict[str, int] = {}
+    for tensor in llm:
+        layer = _layer_of(tensor.name)
+        if layer is not None:
+            per_layer[layer] = per_layer.get(layer, 0) + 1
+    done = {layer for layer, count in pending.items() if count == per_layer[layer]}
+    return len(done)
+
+
+def _layer_of(name: str) -> str | None:
+    """'12' for 'model.language_model.layers.12.mlp.up_proj.weight', None outside the layers."""
+    marker = ".layers."
+    if marker not in name:
+        return None
+    return name.split(marker, 1)[1].split(".", 1)[0]
+
+
+def accumulated_gradient_bytes(profile: ModelProfile, shape: TrainShape, plan: Plan, states: ModelStateBytes,
+                               buffers: int, gradient_accumulation: int) -> int:
+    """What DeepSpeed holds from one micro-step to the next when gradients accumulate.
+
+    ZeRO-0 keeps every bf16 `.grad` (AccumulateGrad adds into it). ZeRO-1 reduces only at the
+    accumulation boundary (stage_1_and_2.py reduce_ready_partitions_and_remove_grads: stage 1
+    reduces when `is_gradient_accumulation_boundary()`), so the full bf16 `.grad` of every trainable
+    parameter stays, and the buckets setup_buckets made at the first hook stay until the step.
+    ZeRO-2 reduces every micro-step into grads_in_partition, which stays with the buckets. ZeRO-3's
+    partition is resident anyway."""
+    if gradient_accumulation <= 1 or plan.offload_optimizer != "none":
+        return 0
+    if plan.stage == 0:
+        return states.grads
+    if plan.stage == 1:
+        return BF16 * sum(trainable_numels(profile, shape)) + buffers
+    if plan.stage == 2:
+        return states.grads + buffers
+    return 0
+
+
 def _phases(plan: Plan, states: ModelStateBytes, acts: ActivationBytes, buffers: int, step: int,
-            lm_head_grad: int) -> dict[str, int]:
+            lm_head_grad: int, layers_done: int = 0, accumulated: int = 0) -> dict[str, int]:
     """Allocated bytes at the moments that can hold the peak, with what DeepSpeed 0.19.8 holds then.
 
     Always resident: 16-bit params, fp32 master weights and Adam states. ZeRO-3's gradient
@@ -129,7 +193,10 @@ def _phases(plan: Plan, states: ModelStateBytes, acts: ActivationBytes, buffers:
 
     forward-loss: saved activations plus the loss's logits in bf16 and fp32.
     backward-start: saved activations and the loss's fp32 gradients (no ZeRO-1/2 bucket yet).
-    backward-buckets: (ZeRO-1/2) the buckets, the reduced slice and the LM head's gradient.
+    backward-buckets: (ZeRO-1/2) at the first gradient hook: the buckets and the LM head's gradient
+    being copied into one.
+    backward-first-reduce: (ZeRO-1/2) the buckets and the reduced slice, allocated when the first
+    bucket is full, by when `layers_done` LLM layers have released their saved activations.
     backward-recompute: the first checkpointed layer recomputed on top of what is saved.
     optimizer-step: activations freed; gradients, the fp32 copy Adam reads and (ZeRO-1/2) the bf16
     flat copy of the slice (get_flat_partition) it is made from."""
@@ -138,6 +205,11 @@ def _phases(plan: Plan, states: ModelStateBytes, acts: ActivationBytes, buffers:
         resident += states.grads + buffers
     early_buffers = buffers if plan.stage == 0 else 0
     zero0_grad = lm_head_grad if plan.stage == 0 else 0
+    if accumulated:  # later micro-steps hold the earlier ones' gradients (and buckets) throughout
+        held = _phases(plan, replace(states, params=states.params + accumulated), acts, buffers, step,
+                       lm_head_grad, layers_done)
+        later = {f"{name} (accumulating)": value for name, value in held.items() if name != "optimizer-step"}
+        return _phases(plan, states, acts, buffers, step, lm_head_grad, layers_done) | later
     phases = {
         "forward-loss": resident + acts.saved + acts.logits_forward_transient,
         "backward-start": resident + acts.saved + acts.logits_backward_transient + zero0_grad + early_buffers,
@@ -148,38 +220,62 @@ def _phases(plan: Plan, states: ModelStateBytes, acts: ActivationBytes, buffers:
         phases["optimizer-step"] = resident + states.grads + step
     elif plan.stage in (1, 2):
         flat_copy = BF16 * states.partition_elems if plan.offload_optimizer == "none" else 0
-        phases["backward-buckets"] = resident + acts.saved + buffers + states.grads + lm_head_grad
+        phases["backward-buckets"] = resident + acts.saved + buffers + lm_head_grad
+        phases["backward-first-reduce"] = (resident + acts.saved - layers_done * acts.llm_layer_saved + buffers
+                                           + states.grads)
         phases["optimizer-step"] = resident + states.grads + step + flat_copy
     else:
         phases["optimizer-step"] = resident + step
     return phases
 
 
-def reserved_bytes(peak_allocated: int, largest_transient_block: int, gpu: GPUProfile) -> int:
-    """What PyTorch's caching allocator reserves at the peak. Freed blocks stay cached; the loss's
-    fp32 vocabulary-wide tensors (log-softmax output, its gradient, the input gradient: one block
-    each of tokens × vocab × 4 bytes) are freed mid-backward and cannot serve the later, differently
-    sized requests, so the reserved peak exceeds the allocated one by about that many blocks.
-    `fragmentation_blocks` is measured per device and allocator by `zeroplan calibrate`."""
-    blocks = float(gpu.calibrated.get("fragmentation_blocks", DEFAULT_FRAGMENTATION_BLOCKS))
-    return int(peak_allocated + blocks * largest_transient_block)
+def reserved_bytes(profile: ModelProfile, shape: TrainShape, plan: Plan, states: ModelStateBytes, buffers: int,
+                   step: int, capacity: int, step_tiles: tuple[int, ...] | None = None) -> tuple[int, int]:
+    """(peak reserved, peak allocated) of PyTorch's caching allocator over the runner's five steps,
+    by replaying the steps' allocations and frees (zeroplan.step_events) through the allocator's
+    rules (zeroplan.allocator). Reserved exceeds allocated because freed blocks stay cached in their
+    segments, and a large request (the loss's vocabulary-wide blocks above all) that finds them
+    split by smaller live tensors gets a new segment; nothing here is fitted to measurements."""
+    return _replayed(profile, shape, plan, states, buffers if plan.stage in (1, 2) else 0, capacity, step_tiles)
 
 
-def estimate(profile: ModelProfile, shape: TrainShape, plan: Plan, gpu: GPUProfile) -> MemoryBreakdown:
+@lru_cache(maxsize=512)
+def _replayed(profile: ModelProfile, shape: TrainShape, plan: Plan, states: ModelStateBytes, buffers: int,
+              capacity: int, step_tiles: tuple[int, ...] | None) -> tuple[int, int]:
+    """The replay itself, cached: the planner asks for the same shape under many plans."""
+    events = training_events(profile, shape, plan, states, buffers, steps=RUNNER_STEPS, step_tiles=step_tiles)
+    allocator = replay(events, capacity)
+    return allocator.peak_reserved, allocator.peak_allocated
+
+
+def estimate(profile: ModelProfile, shape: TrainShape, plan: Plan, gpu: GPUProfile,
+             step_tiles: tuple[int, ...] | None = None, gradient_accumulation: int = 1) -> MemoryBreakdown:
     """Per-GPU memory of training `profile` on `shape` under `plan`, on the most loaded rank.
 
     Rank 0 holds the most under ZeRO-1/2 when padding falls on the last rank, and the same as the
-    others otherwise; the estimate takes the maximum over ranks of the model states."""
+    others otherwise; the estimate takes the maximum over ranks of the model states. `step_tiles`
+    (each step's tiles in the micro-batch, when a run's are known) only changes the reserved peak:
+    the allocated one is that of the largest micro-batch, which `shape` describes.
+    `gradient_accumulation` > 1 adds what DeepSpeed holds between micro-steps
+    (accumulated_gradient_bytes)."""
     states = _most_loaded_rank_states(profile, replace(shape, micro_batch=1, grad_ckpt=False), plan)
     acts = activation_bytes(profile, shape)
     buffers = communication_buffer_bytes(profile, plan, states.partition_elems * plan.world_size)
     step = step_transient_bytes(profile, replace(shape, micro_batch=1, grad_ckpt=False), plan)
-    phases = _phases(plan, states, acts, buffers, step, _full_grad_of_lm_head(profile, shape, plan))
+    phases = _phases(plan, states, acts, buffers, step, _full_grad_of_lm_head(profile, shape, plan),
+                     layers_done_at_first_reduce(profile, shape, plan),
+                     accumulated_gradient_bytes(profile, shape, plan, states, buffers, gradient_accumulation))
     phase = max(phases, key=phases.__getitem__)
     peak_allocated = phases[phase]
-    logits_block = FP32 * shape.micro_batch * shape.seq_len * profile.llm.vocab_size
-    peak_reserved = reserved_bytes(peak_allocated, logits_block, gpu)
     context = int(gpu.calibrated.get("cuda_context_bytes", gpu.cuda_context_bytes))
+    if peak_allocated + context > gpu.memory_bytes:
+        # Does not fit whatever the allocator does: reserved is at least allocated; skip the replay.
+        peak_reserved = peak_allocated
+    else:
+        replay_reserved, replay_allocated = reserved_bytes(profile, shape, plan, states, buffers, step,
+                                                           gpu.memory_bytes - context, step_tiles)
+        # Phases the replay leaves out (ZeRO-3 prefetch, offload buffers) need segments of their own.
+        peak_reserved = replay_reserved + max(0, peak_allocated - replay_allocated)
     return MemoryBreakdown(
         params=states.params, grads=states.grads, master_weights=states.master_weights,
         optimizer_states=states.optimizer_states, activations_vision=acts.vision,

@@ -1,0 +1,171 @@
+"""DeepSpeed 0.19.8's allocations on one rank, for zeroplan.step_events: the model states the
+engine makes at set-up (and what it leaves cached), where each weight gradient goes, and the
+optimizer step's temporaries. The byte counts are zeroplan.partition's; this module only adds when
+each tensor is made and freed, and on which CUDA stream.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from zeroplan.activations import BF16, FP32
+from zeroplan.allocator import MAIN_STREAM, REDUCTION_STREAM, Trace
+from zeroplan.partition import ModelStateBytes, frozen_numels, stage3_sub_group_elems, trainable_numels
+from zeroplan.plan import Plan, TrainShape
+from zeroplan.profiles import ModelProfile
+
+ALLREDUCE_BUCKET_ELEMS = 500_000_000  # deepspeed/runtime/engine.py MEMORY_OPT_ALLREDUCE_SIZE
+
+
+@dataclass
+class ZeroEvents:
+    """DeepSpeed 0.19.8's model states and gradient path on one rank, as allocations."""
+
+    trace: Trace
+    profile: ModelProfile
+    shape: TrainShape
+    plan: Plan
+    states: ModelStateBytes
+    buffer_bytes: int
+    grads: list = field(default_factory=list)
+    buckets: list = field(default_factory=list)
+    partition: str | None = None
+    filled: int = 0
+    adam_ready: bool = False
+
+    def init(self) -> None:
+        """What the engine holds and caches before the first step.
+
+        Stage 0 (FP16_UnfusedOptimizer): every parameter as built, and an fp32 master per
+        trainable one (`p.clone().float()`, the bf16 clone freed). Stages 1/2
+        (DeepSpeedZeroOptimizer.__init__): the parameters as built; the trainable ones flattened on
+        the GPU (flatten_on_accelerator, when it has room) into the flat bf16 buffer and made views
+        of it, so their own blocks are freed but stay cached (no empty_cache follows); the fp32 master slice
+        (`.clone().float()` of the bf16 slice) and, in initialize_optimizer_states, a zero fp32
+        gradient that is freed again (it stays cached). Stage 3: the flat bf16 shards, fp32 master
+        per sub-group, the gradient partition and reduce bucket; initialize_optimizer_states steps
+        every sub-group once on a zero fp32 buffer of the largest, so Adam's states exist at once.
+        Adam (torch AdamW) makes its states lazily at the first step under stages 0-2."""
+        trace, states, plan = self.trace, self.states, self.plan
+        trainable = trainable_numels(self.profile, self.shape)
+        frozen = frozen_numels(self.profile, self.shape)
+        offload = plan.offload_optimizer != "none"
+        if plan.stage == 0:
+            for numel in frozen + trainable:
+                trace.malloc("param", BF16 * numel)
+            for numel in () if offload else trainable:
+                clone = trace.malloc("param.clone", BF16 * numel)
+                trace.malloc("master", FP32 * numel)
+                trace.free(clone)
+            return
+        if plan.stage in (1, 2):
+            for numel in frozen:
+                trace.malloc("param", BF16 * numel)
+            built = [trace.malloc("param", BF16 * numel) for numel in trainable]
+            trace.malloc("bit16_flat", states.params - BF16 * sum(frozen))
+            trace.free(*built)
+            if offload:
+                trace.malloc("offload_grad_buffer", states.grads)
+                return
+            clone = trace.malloc("partition.clone", BF16 * states.partition_elems)
+            trace.malloc("master", states.master_weights)
+            trace.free(clone)
+            trace.free(trace.malloc("init_grad", states.master_weights))
+            return
+        trace.malloc("bit16_shards", states.params)
+        sub_groups = stage3_sub_group_elems(self.profile, self.shape, plan)
+        for elems in () if offload else sub_groups:
+            clone = trace.malloc("partition.clone", BF16 * elems)
+            trace.malloc("master", FP32 * elems)
+            trace.free(clone)
+        trace.malloc("grad_partitions", states.grads)
+        trace.malloc("reduce_bucket", BF16 * plan.reduce_bucket_elems if plan.contiguous_gradients else 0)
+        if not offload:
+            buffer = trace.malloc("init_grad", FP32 * max(sub_groups, default=0))
+            for elems in sub_groups:
+                trace.malloc("exp_avg", FP32 * elems)
+                trace.malloc("exp_avg_sq", FP32 * elems)
+            trace.free(buffer)
+        self.adam_ready = True
+
+    def weight_grad(self, name: str, elems: int) -> None:
+        """A weight gradient autograd has just made (see adopt_grad)."""
+        self.adopt_grad(name, elems, self.trace.malloc(f"grad.{name}", BF16 * elems))
+
+    def adopt_grad(self, name: str, elems: int, grad: str) -> None:
+        """ZeRO-0 keeps the bf16 gradient until the step; ZeRO-1/2 copy it into a bucket (made at
+        the first hook) and allocate the reduced partition when the first bucket is full; ZeRO-3
+        reduces it into its preallocated partition. Either way the gradient itself is released."""
+        if self.plan.stage == 0:
+            self.grads.append((grad, elems))
+            return
+        if self.plan.stage in (1, 2) and self.plan.contiguous_gradients:
+            if not self.buckets:
+                copies = 2 if self.plan.overlap_comm else 1
+                self.buckets = [self.trace.malloc("ipg_bucket", self.buffer_bytes // copies) for _ in range(copies)]
+            overflow = self.filled + elems > self.plan.reduce_bucket_elems
+            if overflow and self.partition is None and self.plan.offload_optimizer == "none":
+                # reduce_ipg_grads copies into the partition under `stream(self.reduction_stream)`
+                # when overlap_comm is on, so its block belongs to that stream.
+                stream = REDUCTION_STREAM if self.plan.overlap_comm else MAIN_STREAM
+                self.partition = self.trace.malloc("grads_in_partition", self.states.grads, stream)
+            self.filled = elems if overflow else self.filled + elems
+        self.trace.free(grad)
+
+    def allreduce(self) -> None:
+        """ZeRO-0's end of backward: DeepSpeedEngine.allreduce_gradients runs
+        buffered_allreduce_fallback even on one rank, flattening the gradients into bf16 buckets of
+        just over MEMORY_OPT_ALLREDUCE_SIZE (5e8) elements one at a time (allreduce_no_retain)."""
+        if self.plan.stage != 0:
+            return
+        bucket = 0
+        for _, elems in reversed(self.grads):
+            bucket += elems
+            if bucket > ALLREDUCE_BUCKET_ELEMS:
+                self.trace.free(self.trace.malloc("allreduce_flat", BF16 * bucket))
+                bucket = 0
+        if bucket:
+            self.trace.free(self.trace.malloc("allreduce_flat", BF16 * bucket))
+
+    def step(self) -> None:
+        """The optimizer step. Stage 0: an fp32 `.grad` per master, Adam's states (first step),
+        then every gradient freed. Stages 1/2: the buckets released, the bf16 flat copy of the
+        slice and its fp32 conversion, the reduced partition released, Adam's states (first step),
+        the fp32 gradient freed. Stage 3 (_prepare_fp32_grad_for_sub_group): one sub-group at a time,
+        `flatten(averaged_gradients).to(fp32)`, a bf16 flat copy and its fp32 conversion."""
+        trace, plan, states = self.trace, self.plan, self.states
+        offload = plan.offload_optimizer != "none"
+        if plan.stage == 0:
+            fp32 = [] if offload else [trace.malloc("fp32_grad", FP32 * elems) for _, elems in self.grads]
+            if not self.adam_ready and not offload:
+                for _, elems in self.grads:
+                    trace.malloc("exp_avg", FP32 * elems)
+                    trace.malloc("exp_avg_sq", FP32 * elems)
+            trace.free(*fp32, *(grad for grad, _ in self.grads))
+        elif plan.stage in (1, 2):
+            trace.free(*self.buckets)
+            if offload:
+                trace.free(*([self.partition] if self.partition else []))
+            else:
+                if self.partition is None:
+                    self.partition = trace.malloc("grads_in_partition", states.grads)
+                flat = trace.malloc("flat_copy", BF16 * states.partition_elems)
+                fp32 = trace.malloc("fp32_grads", FP32 * states.partition_elems)
+                trace.free(flat, self.partition)
+                if not self.adam_ready:
+                    trace.malloc("exp_avg", states.optimizer_states // 2)
+                    trace.malloc("exp_avg_sq", states.optimizer_states - states.optimizer_states // 2)
+                trace.free(fp32)
+        elif not offload:
+            for elems in stage3_sub_group_elems(self.profile, self.shape, plan):
+                flat = trace.malloc("flat_copy", BF16 * elems)
+                fp32 = trace.malloc("fp32_grads", FP32 * elems)
+                trace.free(flat)
+                trace.free(fp32)
+        self.adam_ready = True
+        self.grads, self.buckets, self.partition, self.filled = [], [], None, 0
+
+
+def gathered(trace: Trace, plan: Plan, elems: int) -> str | None:
+    """ZeRO-3 all-gathers a module's bf16 parameters around its forward and backward."""
+    return trace.malloc("zero3_gather", BF16 * elems) if plan.stage == 3 else None
