@@ -42,8 +42,8 @@ def rows_for(sweep: Path, calibrated, plain) -> list[dict]:
             point = points_from_records([fake])[0]
         profile = record_profile(record)
         steps, accumulation = point.step_tiles, point.gradient_accumulation
-        with_cal = estimate(profile, point.shape, point.plan, calibrated, steps, accumulation)
-        without = estimate(profile, point.shape, point.plan, plain, steps, accumulation)
+        with_cal = estimate(profile, point.shape, point.plan, calibrated, steps, accumulation, point.compiled)
+        without = estimate(profile, point.shape, point.plan, plain, steps, accumulation, point.compiled)
         time_cal = step_time(profile, point.spec_shape, point.plan, calibrated, 1)
         time_plain = step_time(profile, point.spec_shape, point.plan, plain, 1)
         baseline = ((record.get("deepspeed_estimator_bytes") or {}).get("for_stage") or {}).get("gpu_bytes")
@@ -82,10 +82,8 @@ def rows_for(sweep: Path, calibrated, plain) -> list[dict]:
 
 
 def not_modelled(spec: dict) -> str:
-    """Why a run's memory lies outside what zeroplan models ('' when it is modelled): torch.compile
-    lets Inductor choose what to save; optimizer offload's GPU-side staging buffers are not replayed."""
-    if spec.get("compile"):
-        return "torch.compile (Inductor picks the saved tensors)"
+    """Why a run's memory lies outside what zeroplan models ('' when it is modelled): optimizer
+    offload's GPU-side staging buffers are not replayed."""
     if spec.get("offload_optimizer", "none") != "none":
         return "optimizer offload (GPU staging buffers not replayed)"
     return ""
@@ -162,7 +160,7 @@ def render(rows: list[dict], device: str, when: str) -> str:
         "predicted for its largest micro-batch, from the recorded `step_tiles` or, for older records, the runner's "
         "draw replayed and checked against the recorded `tiles_per_sample` (zeroplan.records); the replayed allocator "
         "also gets every step's tiles",
-        "- not modelled (reported, left out of the target figures): torch.compile runs and optimizer offload",
+        "- not modelled (reported, left out of the target figures): optimizer offload",
         "",
         "## Summary",
         "",

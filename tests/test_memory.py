@@ -103,9 +103,9 @@ def _h100_points():
             record = json.loads(line)
             for point in points_from_records([record]):
                 spec = record["spec"]
-                modelled = not spec.get("compile") and spec.get("offload_optimizer", "none") == "none"
+                modelled = spec.get("offload_optimizer", "none") == "none"
                 memory = estimate(record_profile(record), point.shape, point.plan, load_gpu("h100"),
-                                  point.step_tiles, point.gradient_accumulation)
+                                  point.step_tiles, point.gradient_accumulation, point.compiled)
                 out.append((point, memory, modelled))
     return out
 
@@ -174,3 +174,12 @@ def test_fused_linear_cross_entropy_chunk_matches_liger():
     # 2B with the vocabulary padded to 128: ceil(92672 / 2048) = 46; ceil(8192 / 46) = 179 -> 256 rows
     assert fused_linear_cross_entropy_chunk(8192, 2048, 92672) == 256
     assert fused_linear_cross_entropy_chunk(100, 2048, 92672) == 4
+
+
+def test_compiled_layers_keep_no_fp32_upcast_and_no_silu():
+    from zeroplan.activations import llm_layer_bytes_per_token
+
+    llm = load_model("2b").llm
+    eager, compiled = llm_layer_bytes_per_token(llm), llm_layer_bytes_per_token(llm, compiled=True)
+    # per norm: fp32 upcast (4H) + bf16 cast (2H) become the bf16 input side (2H); SiLU(gate) goes
+    assert eager - compiled == 2 * (4 + 2 - 2) * llm.hidden_size + 2 * llm.intermediate_size

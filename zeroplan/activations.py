@@ -18,7 +18,7 @@ from zeroplan.profiles import LanguageModel, ModelProfile, VisionTower
 
 BF16 = 2
 FP32 = 4
-LORA_DROPOUT_TARGETS_PER_LAYER = 7
+LORA_TARGETS_PER_LAYER = 7  # q, k, v, o, gate, up, down (zeroplan.runner.model LORA_PATTERN)
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,7 @@ def vision_layer_bytes_per_token(vision: VisionTower) -> int:
 
 
 def llm_layer_bytes_per_token(llm: LanguageModel, lora_rank: int = 0, kernels: str = "eager",
-                              packed: bool = False) -> int:
+                              packed: bool = False, compiled: bool = False) -> int:
     """One decoder layer, per token. Each RMSNorm upcasts to fp32 and saves that (4H), its bf16
     normalised value (2H, for the weight's gradient) and its output (2H, the next Linear's input).
     Rotary embedding saves nothing per token: `q * cos + rotate_half(q) * sin` multiplies by cos/sin,
@@ -75,25 +75,34 @@ def llm_layer_bytes_per_token(llm: LanguageModel, lora_rank: int = 0, kernels: s
     there is no mask) saves rotated q, k (kv heads), v, its output and an fp32 log-sum-exp per head;
     the kernel lays its output out as [b, s, h, d], so `transpose(1, 2).contiguous()` is a view and
     o_proj saves that same storage. The SwiGLU MLP keeps gate (SiLU's input), SiLU(gate) and up (the
-    product's factors) and the product (down_proj's input). LoRA (PEFT, dropout 0.05) adds per
-    adapted Linear a dropout output and its mask, and the rank-r intermediate. Packed rows go
+    product's factors) and the product (down_proj's input). LoRA as the runner configures it (PEFT,
+    lora_dropout 0.0, so the dropout is nn.Identity and lora_A saves the base Linear's own input)
+    adds the rank-r intermediate lora_B saves per adapted Linear. Packed rows go
     through the runner's varlen attention (zeroplan.runner.fast.varlen_attention), which
     repeat_interleaves k and v to every query head before torch's varlen kernel, so the kernel
     saves k and v at query width (and its output and log-sum-exp, as flash does).
     Checked by counting autograd's saved storages of transformers' Qwen2/Llama decoder layer
-    (benchmarks/saved_tensors.py)."""
+    (benchmarks/saved_tensors.py).
+
+    A layer compiled by torch.compile (the runner compiles each decoder layer) is split into forward
+    and backward by AOTAutograd's min-cut partitioner, which recomputes pointwise work in backward:
+    each RMSNorm keeps its bf16 input side (the layer input, and o_proj's output for the second),
+    fp32 rsqrt and bf16 output instead of the fp32 upcast; SiLU(gate) is recomputed, so gate, up and
+    the product stay (benchmarks/compiled_saved_tensors.py lists the partitioned graph's saved
+    values); attention saves what flash saves."""
     hidden, inter = llm.hidden_size, llm.intermediate_size
     q_width, kv_width = llm.num_heads * llm.head_dim, llm.num_kv_heads * llm.head_dim
     saved_kv_width = q_width if packed else kv_width
     attention = BF16 * (2 * q_width + 2 * saved_kv_width) + llm.num_heads * FP32
     if kernels == "liger":
         norms, mlp = 2 * liger_rms_norm_bytes_per_token(hidden), liger_swiglu_bytes_per_token(inter)
+    elif compiled:
+        norms, mlp = 2 * (BF16 * hidden + BF16 * hidden + FP32), BF16 * 3 * inter
     else:
         norms, mlp = 2 * (FP32 * hidden + BF16 * hidden + BF16 * hidden) + 2 * FP32, BF16 * 4 * inter
     total = norms + attention + mlp
     if lora_rank:
-        adapted_inputs = 4 * hidden + q_width + 2 * hidden + inter  # q,k,v,o ; gate,up ; down
-        total += (BF16 + 1) * adapted_inputs + BF16 * lora_rank * LORA_DROPOUT_TARGETS_PER_LAYER
+        total += BF16 * lora_rank * LORA_TARGETS_PER_LAYER
     return total
 
 
@@ -163,8 +172,10 @@ def logits_bytes_per_token(vocab_size: int) -> tuple[int, int]:
     return 10 * vocab_size, 12 * vocab_size
 
 
-def activation_bytes(profile: ModelProfile, shape: TrainShape) -> ActivationBytes:
-    """Saved and transient activation bytes of one micro-batch (bf16, sdpa/flash attention)."""
+def activation_bytes(profile: ModelProfile, shape: TrainShape, compiled: bool = False) -> ActivationBytes:
+    """Saved and transient activation bytes of one micro-batch (bf16, sdpa/flash attention);
+    `compiled`: the decoder layers run under torch.compile (the vision layers save the same either
+    way: their LayerNorm outputs feed Linears whose inputs the partitioner keeps)."""
     vision, llm = profile.vision, profile.llm
     tiles = shape.micro_batch * shape.tiles
     patch_tokens = tiles * (vision.patches_per_tile + 1)
@@ -175,7 +186,7 @@ def activation_bytes(profile: ModelProfile, shape: TrainShape) -> ActivationByte
     llm_grad_flows = shape.trains("llm") or bool(shape.lora_rank) or projector_grad_flows
 
     per_vision_layer = vision_layer_bytes_per_token(vision) * patch_tokens
-    per_llm_layer = llm_layer_bytes_per_token(llm, shape.lora_rank, shape.kernels, shape.packed) * tokens
+    per_llm_layer = llm_layer_bytes_per_token(llm, shape.lora_rank, shape.kernels, shape.packed, compiled) * tokens
     if shape.grad_ckpt:
         vision_saved = vision.num_layers * BF16 * vision.hidden_size * patch_tokens if vision_grad_flows else 0
         llm_saved = llm.num_layers * BF16 * llm.hidden_size * tokens

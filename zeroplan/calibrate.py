@@ -48,6 +48,7 @@ class RunPoint:
     step_tiles: tuple[int, ...] | None = None
     gradient_accumulation: int = 1
     vocab_multiple: int = 1
+    compiled: bool = False
 
 
 def points_from_records(records: list[dict]) -> list[RunPoint]:
@@ -68,7 +69,7 @@ def points_from_records(records: list[dict]) -> list[RunPoint]:
                                int(record["measured_peak_allocated_bytes"]),
                                int(record["measured_peak_reserved_bytes"]), record.get("nvml_peak_used_bytes"),
                                spec_shape(record), step_tiles(record), gradient_accumulation(record),
-                               int(spec.get("vocab_multiple", 1))))
+                               int(spec.get("vocab_multiple", 1)), bool(spec.get("compile", False))))
     return points
 
 
@@ -138,7 +139,7 @@ def fit_memory(points: list[RunPoint], gpu: GPUProfile) -> dict[str, float | int
     for point in points:
         profile = padded_profile(load_model(point.model), point.vocab_multiple)
         predicted = estimate(profile, point.shape, point.plan, gpu, point.step_tiles,
-                             point.gradient_accumulation).peak_reserved
+                             point.gradient_accumulation, point.compiled).peak_reserved
         errors.append(abs(predicted - point.peak_reserved_bytes) / point.peak_reserved_bytes)
     out["allocator_replay_median_error"] = round(statistics.median(errors), 4)
     out["allocator_replay_worst_error"] = round(max(errors), 4)

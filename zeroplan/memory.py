@@ -168,8 +168,10 @@ def accumulated_gradient_bytes(profile: ModelProfile, shape: TrainShape, plan: P
     accumulation boundary (stage_1_and_2.py reduce_ready_partitions_and_remove_grads: stage 1
     reduces when `is_gradient_accumulation_boundary()`), so the full bf16 `.grad` of every trainable
     parameter stays, and the buckets setup_buckets made at the first hook stay until the step.
-    ZeRO-2 reduces every micro-step into grads_in_partition, which stays with the buckets. ZeRO-3's
-    partition is resident anyway."""
+    ZeRO-2 reduces every micro-step into grads_in_partition, which stays (its buckets are released
+    at the end of each backward). ZeRO-3's partition is resident anyway. Measured on the H100 at
+    the start of later micro-steps' forward (reports/h100_fast_*): ZeRO-0 +4.1 GiB, ZeRO-1 +5.5,
+    ZeRO-2 +4.1, ZeRO-3 +0 for InternVL2.5-2B (4.1 GiB of bf16 gradients, 1.4 GiB of buckets)."""
     if gradient_accumulation <= 1 or plan.offload_optimizer != "none":
         return 0
     if plan.stage == 0:
@@ -177,7 +179,7 @@ def accumulated_gradient_bytes(profile: ModelProfile, shape: TrainShape, plan: P
     if plan.stage == 1:
         return BF16 * sum(trainable_numels(profile, shape)) + buffers
     if plan.stage == 2:
-        return states.grads + buffers
+        return states.grads
     return 0
 
 
@@ -208,7 +210,11 @@ def _phases(plan: Plan, states: ModelStateBytes, acts: ActivationBytes, buffers:
     if accumulated:  # later micro-steps hold the earlier ones' gradients (and buckets) throughout
         held = _phases(plan, replace(states, params=states.params + accumulated), acts, buffers, step,
                        lm_head_grad, layers_done)
-        later = {f"{name} (accumulating)": value for name, value in held.items() if name != "optimizer-step"}
+        # ZeRO-1's held buckets are the ones these phases already count.
+        counted = buffers if plan.stage == 1 else 0
+        later = {f"{name} (accumulating)": value - (counted if name in ("backward-buckets", "backward-first-reduce")
+                                                     else 0)
+                 for name, value in held.items() if name != "optimizer-step"}
         return _phases(plan, states, acts, buffers, step, lm_head_grad, layers_done) | later
     phases = {
         "forward-loss": resident + acts.saved + acts.logits_forward_transient,
@@ -230,26 +236,30 @@ def _phases(plan: Plan, states: ModelStateBytes, acts: ActivationBytes, buffers:
 
 
 def reserved_bytes(profile: ModelProfile, shape: TrainShape, plan: Plan, states: ModelStateBytes, buffers: int,
-                   step: int, capacity: int, step_tiles: tuple[int, ...] | None = None) -> tuple[int, int]:
+                   step: int, capacity: int, step_tiles: tuple[int, ...] | None = None,
+                   compiled: bool = False) -> tuple[int, int]:
     """(peak reserved, peak allocated) of PyTorch's caching allocator over the runner's five steps,
     by replaying the steps' allocations and frees (zeroplan.step_events) through the allocator's
     rules (zeroplan.allocator). Reserved exceeds allocated because freed blocks stay cached in their
     segments, and a large request (the loss's vocabulary-wide blocks above all) that finds them
     split by smaller live tensors gets a new segment; nothing here is fitted to measurements."""
-    return _replayed(profile, shape, plan, states, buffers if plan.stage in (1, 2) else 0, capacity, step_tiles)
+    return _replayed(profile, shape, plan, states, buffers if plan.stage in (1, 2) else 0, capacity, step_tiles,
+                     compiled)
 
 
 @lru_cache(maxsize=512)
 def _replayed(profile: ModelProfile, shape: TrainShape, plan: Plan, states: ModelStateBytes, buffers: int,
-              capacity: int, step_tiles: tuple[int, ...] | None) -> tuple[int, int]:
+              capacity: int, step_tiles: tuple[int, ...] | None, compiled: bool) -> tuple[int, int]:
     """The replay itself, cached: the planner asks for the same shape under many plans."""
-    events = training_events(profile, shape, plan, states, buffers, steps=RUNNER_STEPS, step_tiles=step_tiles)
+    events = training_events(profile, shape, plan, states, buffers, steps=RUNNER_STEPS, step_tiles=step_tiles,
+                             compiled=compiled)
     allocator = replay(events, capacity)
     return allocator.peak_reserved, allocator.peak_allocated
 
 
 def estimate(profile: ModelProfile, shape: TrainShape, plan: Plan, gpu: GPUProfile,
-             step_tiles: tuple[int, ...] | None = None, gradient_accumulation: int = 1) -> MemoryBreakdown:
+             step_tiles: tuple[int, ...] | None = None, gradient_accumulation: int = 1,
+             compiled: bool = False) -> MemoryBreakdown:
     """Per-GPU memory of training `profile` on `shape` under `plan`, on the most loaded rank.
 
     Rank 0 holds the most under ZeRO-1/2 when padding falls on the last rank, and the same as the
@@ -257,9 +267,10 @@ def estimate(profile: ModelProfile, shape: TrainShape, plan: Plan, gpu: GPUProfi
     (each step's tiles in the micro-batch, when a run's are known) only changes the reserved peak:
     the allocated one is that of the largest micro-batch, which `shape` describes.
     `gradient_accumulation` > 1 adds what DeepSpeed holds between micro-steps
-    (accumulated_gradient_bytes)."""
+    (accumulated_gradient_bytes); `compiled`: the decoder layers run under torch.compile
+    (zeroplan.activations.llm_layer_bytes_per_token)."""
     states = _most_loaded_rank_states(profile, replace(shape, micro_batch=1, grad_ckpt=False), plan)
-    acts = activation_bytes(profile, shape)
+    acts = activation_bytes(profile, shape, compiled)
     buffers = communication_buffer_bytes(profile, plan, states.partition_elems * plan.world_size)
     step = step_transient_bytes(profile, replace(shape, micro_batch=1, grad_ckpt=False), plan)
     phases = _phases(plan, states, acts, buffers, step, _full_grad_of_lm_head(profile, shape, plan),
@@ -273,7 +284,7 @@ def estimate(profile: ModelProfile, shape: TrainShape, plan: Plan, gpu: GPUProfi
         peak_reserved = peak_allocated
     else:
         replay_reserved, replay_allocated = reserved_bytes(profile, shape, plan, states, buffers, step,
-                                                           gpu.memory_bytes - context, step_tiles)
+                                                           gpu.memory_bytes - context, step_tiles, compiled)
         # Phases the replay leaves out (ZeRO-3 prefetch, offload buffers) need segments of their own.
         peak_reserved = replay_reserved + max(0, peak_allocated - replay_allocated)
     return MemoryBreakdown(

@@ -21,11 +21,12 @@ from zeroplan.profiles import ModelProfile
 from zeroplan.zero_events import ZeroEvents, gathered
 
 
-def _norm(trace: Trace, tokens: int, width: int, layer_in: str, liger: bool) -> tuple[str, list[str]]:
+def _norm(trace: Trace, tokens: int, width: int, layer_in: str, fused: bool) -> tuple[str, list[str]]:
     """RMSNorm; returns (output, saved). Eager (transformers): fp32 upcast (saved by pow), pow's
     fp32 square, the fp32 product by rsqrt, its bf16 cast (saved for the weight's gradient) and
-    the weighted output. Liger: one kernel writes the bf16 output and saves the input itself."""
-    if liger:
+    the weighted output. Fused (Liger's kernel, or Inductor's): the bf16 output, and the bf16
+    input kept for backward."""
+    if fused:
         return trace.malloc("norm.out", BF16 * tokens * width), [layer_in]
     upcast = trace.malloc("norm.fp32", FP32 * tokens * width)
     square = trace.malloc("norm.pow", FP32 * tokens * width)
@@ -37,21 +38,26 @@ def _norm(trace: Trace, tokens: int, width: int, layer_in: str, liger: bool) -> 
 
 
 def _llm_layer_forward(trace: Trace, profile: ModelProfile, shape: TrainShape, layer_in: str, keep: bool,
-                       free_input: bool) -> tuple[str, dict]:
+                       free_input: bool, compiled: bool = False) -> tuple[str, dict]:
     """One decoder layer; returns (output, saved tensors by part). With keep=False (checkpointed or
     no gradient) the saved tensors are released at the end of the layer; the input is released
     after the first residual unless a checkpoint or Liger's RMSNorm holds it."""
     llm, liger = profile.llm, shape.kernels == "liger"
+    fused = liger or compiled  # one kernel per norm, no SiLU(gate) tensor
     tokens = shape.micro_batch * shape.seq_len
     hidden, inter = BF16 * tokens * llm.hidden_size, BF16 * tokens * llm.intermediate_size
     q_bytes, kv_bytes = BF16 * tokens * llm.num_heads * llm.head_dim, BF16 * tokens * llm.num_kv_heads * llm.head_dim
     saved: dict[str, list[str]] = {}
-    normed, saved["norm1"] = _norm(trace, tokens, llm.hidden_size, layer_in, liger)
+    normed, saved["norm1"] = _norm(trace, tokens, llm.hidden_size, layer_in, fused)
     projections = {name: trace.malloc(name, size) for name, size in (("q", q_bytes), ("k", kv_bytes), ("v", kv_bytes))}
     rotated = {"v": projections["v"]}
     for name, size in (("q", q_bytes), ("k", kv_bytes)):
         if liger:  # Liger's RoPE rotates in place
             rotated[name] = projections[name]
+            continue
+        if compiled:  # one fused kernel writes the rotated copy
+            rotated[name] = trace.malloc("rope.out", size)
+            trace.free(projections[name])
             continue
         cos_term = trace.malloc("rope.cos", size)
         half = trace.malloc("rope.rotate_half", size)
@@ -67,13 +73,14 @@ def _llm_layer_forward(trace: Trace, profile: ModelProfile, shape: TrainShape, l
     saved["attention"] = [rotated["q"], rotated["k"], rotated["v"], trace.malloc("attn.out", q_bytes)]
     o_proj = trace.malloc("o_proj", hidden)
     residual = trace.malloc("residual1", hidden)
-    trace.free(o_proj)
-    if free_input and not liger:
+    if not compiled:  # the partition keeps o_proj's output to recompute the residual sum
+        trace.free(o_proj)
+    if free_input and not fused:
         trace.free(layer_in)
     saved["norm1"].append(normed)
-    normed, saved["norm2"] = _norm(trace, tokens, llm.hidden_size, residual, liger)
+    normed, saved["norm2"] = _norm(trace, tokens, llm.hidden_size, o_proj if compiled else residual, fused)
     saved["norm2"].append(normed)
-    names = ("gate", "up", "product") if liger else ("gate", "up", "silu", "product")
+    names = ("gate", "up", "product") if fused else ("gate", "up", "silu", "product")
     saved["mlp"] = [trace.malloc(name, inter) for name in names]
     down = trace.malloc("down", hidden)
     out = trace.malloc("residual2", hidden)
@@ -87,11 +94,12 @@ def _llm_layer_forward(trace: Trace, profile: ModelProfile, shape: TrainShape, l
 
 
 def _llm_layer_backward(trace: Trace, profile: ModelProfile, shape: TrainShape, saved: dict, grad_out: str,
-                        weight_grad) -> str:
+                        weight_grad, compiled: bool = False) -> str:
     """Reverse walk of one decoder layer: each sublayer's input gradient, its weight gradients
     (handed to `weight_grad`), and the release of what it saved. Liger's SwiGLU and RMSNorm write
     their input gradients over saved buffers (in place)."""
     llm, liger = profile.llm, shape.kernels == "liger"
+    fused = liger or compiled
     tokens = shape.micro_batch * shape.seq_len
     hidden, inter = BF16 * tokens * llm.hidden_size, BF16 * tokens * llm.intermediate_size
     q_bytes = BF16 * tokens * llm.num_heads * llm.head_dim
@@ -100,8 +108,8 @@ def _llm_layer_backward(trace: Trace, profile: ModelProfile, shape: TrainShape, 
     grad_product = trace.malloc("g.product", inter)
     weight_grad("down", llm.hidden_size * llm.intermediate_size)
     trace.free(mlp[-1])
-    if liger:
-        grad_gate, grad_up = mlp[0], mlp[1]
+    if fused:  # gradients of gate and up written in one kernel (over the saved buffers, for Liger)
+        grad_gate, grad_up = (mlp[0], mlp[1]) if liger else (trace.malloc("g.gate", inter), trace.malloc("g.up", inter))
         trace.free(grad_product)
     else:
         grad_silu, grad_up = trace.malloc("g.silu", inter), trace.malloc("g.up", inter)
@@ -116,7 +124,7 @@ def _llm_layer_backward(trace: Trace, profile: ModelProfile, shape: TrainShape, 
     trace.free(grad_gate, mlp[0])
     grad_mlp_in = trace.malloc("g.mlp_in", hidden)
     trace.free(grad_x_up, grad_x_gate)
-    grad_mid = _norm_backward(trace, tokens, llm.hidden_size, saved["norm2"], grad_mlp_in, grad_out, liger)
+    grad_mid = _norm_backward(trace, tokens, llm.hidden_size, saved["norm2"], grad_mlp_in, grad_out, fused)
     grad_attn = trace.malloc("g.attn", q_bytes)
     weight_grad("o", llm.hidden_size * llm.num_heads * llm.head_dim)
     kv_saved = q_bytes if shape.packed else kv_bytes
@@ -129,7 +137,7 @@ def _llm_layer_backward(trace: Trace, profile: ModelProfile, shape: TrainShape, 
     for name, size in (("q", q_bytes), ("k", kv_bytes), ("v", kv_bytes)):
         weight_grad(name, llm.hidden_size * size // (BF16 * tokens))
     trace.free(*unrotated, *grads_qkv)
-    return _norm_backward(trace, tokens, llm.hidden_size, saved["norm1"], grad_x, grad_mid, liger)
+    return _norm_backward(trace, tokens, llm.hidden_size, saved["norm1"], grad_x, grad_mid, fused)
 
 
 def _norm_backward(trace: Trace, tokens: int, width: int, saved: list[str], grad_in: str, residual_grad: str,
@@ -240,23 +248,26 @@ def _loss(trace: Trace, profile: ModelProfile, shape: TrainShape, plan: Plan, de
 
 
 def training_events(profile: ModelProfile, shape: TrainShape, plan: Plan, states: ModelStateBytes,
-                    buffer_bytes: int, steps: int = 5, step_tiles: tuple[int, ...] | None = None) -> list:
+                    buffer_bytes: int, steps: int = 5, step_tiles: tuple[int, ...] | None = None,
+                    compiled: bool = False) -> list:
     """Events of the engine's set-up and `steps` training steps. `buffer_bytes` are ZeRO-1/2's
     gradient buckets (zeroplan.memory.communication_buffer_bytes). `step_tiles` gives each step's
     tiles in the micro-batch (every step holds micro_batch × tiles when not given); a different
-    tile count changes the vision tower's tensor sizes, and with them which cached blocks fit."""
+    tile count changes the vision tower's tensor sizes, and with them which cached blocks fit.
+    `compiled` decoder layers allocate what the min-cut partition keeps, without eager's fp32
+    RMSNorm temporaries or SiLU(gate) (Inductor fuses that pointwise work)."""
     trace = Trace()
     deepspeed = ZeroEvents(trace, profile, shape, plan, states, buffer_bytes)
     deepspeed.init()
     for tiles in step_tiles or (shape.micro_batch * shape.tiles,) * steps:
-        _one_step(trace, profile, shape, plan, deepspeed, tiles)
+        _one_step(trace, profile, shape, plan, deepspeed, tiles, compiled)
         deepspeed.allreduce()
         deepspeed.step()
     return trace.events
 
 
 def _one_step(trace: Trace, profile: ModelProfile, shape: TrainShape, plan: Plan, deepspeed: ZeroEvents,
-              tiles: int) -> None:
+              tiles: int, compiled: bool) -> None:
     vision, llm = profile.vision, profile.llm
     tokens = shape.micro_batch * shape.seq_len
     before = set(trace.live)
@@ -298,7 +309,7 @@ def _one_step(trace: Trace, profile: ModelProfile, shape: TrainShape, plan: Plan
         gather = gathered(trace, plan, llm_layer_elems)
         layer_in = hidden
         hidden, saved = _llm_layer_forward(trace, profile, shape, layer_in, keep=not shape.grad_ckpt,
-                                           free_input=not shape.grad_ckpt)
+                                           free_input=not shape.grad_ckpt, compiled=compiled)
         llm_inputs.append(layer_in)
         llm_saved.append(saved)
         trace.free(gather)
@@ -307,10 +318,11 @@ def _one_step(trace: Trace, profile: ModelProfile, shape: TrainShape, plan: Plan
         gather = gathered(trace, plan, llm_layer_elems)
         saved = llm_saved[index]
         if shape.grad_ckpt:
-            out, saved = _llm_layer_forward(trace, profile, shape, llm_inputs[index], keep=True, free_input=False)
+            out, saved = _llm_layer_forward(trace, profile, shape, llm_inputs[index], keep=True, free_input=False,
+                                            compiled=compiled)
             trace.free(out)
         weight = deepspeed.weight_grad if shape.trains("llm") else (lambda name, elems: None)
-        grad = _llm_layer_backward(trace, profile, shape, saved, grad, weight)
+        grad = _llm_layer_backward(trace, profile, shape, saved, grad, weight, compiled)
         trace.free(llm_inputs[index], gather)
     if shape.trains("llm"):
         deepspeed.weight_grad("embed_tokens", head_elems)

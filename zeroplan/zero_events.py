@@ -110,12 +110,27 @@ class ZeroEvents:
                 stream = REDUCTION_STREAM if self.plan.overlap_comm else MAIN_STREAM
                 self.partition = self.trace.malloc("grads_in_partition", self.states.grads, stream)
             self.filled = elems if overflow else self.filled + elems
+        if self.plan.stage == 3 and self.plan.offload_optimizer == "none":
+            if self.filled + elems > self.plan.reduce_bucket_elems:
+                self._reduce_scatter()
+            self.filled += elems
         self.trace.free(grad)
 
+    def _reduce_scatter(self) -> None:
+        """ZeRO-3 flushing its bucket (__reduce_and_partition_ipg_grads, on the
+        reduce_and_partition_stream): reduce_scatter_coalesced torch.cat's the bucket's gradients
+        into one flat buffer, even on one rank, then partition_grads copies out of it."""
+        if self.filled:
+            self.trace.free(self.trace.malloc("reduce_scatter_flat", BF16 * self.filled, REDUCTION_STREAM))
+        self.filled = 0
+
     def allreduce(self) -> None:
-        """ZeRO-0's end of backward: DeepSpeedEngine.allreduce_gradients runs
+        """The end of backward. ZeRO-0: DeepSpeedEngine.allreduce_gradients runs
         buffered_allreduce_fallback even on one rank, flattening the gradients into bf16 buckets of
-        just over MEMORY_OPT_ALLREDUCE_SIZE (5e8) elements one at a time (allreduce_no_retain)."""
+        just over MEMORY_OPT_ALLREDUCE_SIZE (5e8) elements one at a time (allreduce_no_retain).
+        ZeRO-3: the last bucket is reduced."""
+        if self.plan.stage == 3:
+            self._reduce_scatter()
         if self.plan.stage != 0:
             return
         bucket = 0
@@ -136,11 +151,17 @@ class ZeroEvents:
         trace, plan, states = self.trace, self.plan, self.states
         offload = plan.offload_optimizer != "none"
         if plan.stage == 0:
-            fp32 = [] if offload else [trace.malloc("fp32_grad", FP32 * elems) for _, elems in self.grads]
-            if not self.adam_ready and not offload:
-                for _, elems in self.grads:
-                    trace.malloc("exp_avg", FP32 * elems)
-                    trace.malloc("exp_avg_sq", FP32 * elems)
+            # FP16_UnfusedOptimizer.step: an fp32 .grad per master in parameter order, then AdamW's
+            # _init_group (first step) exp_avg and exp_avg_sq per parameter, then each fp32 .grad
+            # dropped; zero_grad drops the bf16 ones.
+            trainable = () if offload else trainable_numels(self.profile, self.shape)
+            for numel in trainable:  # get_weight_norm: `p.data.float().norm()` of each gradient
+                trace.free(trace.malloc("norm_fp32", FP32 * numel))
+            fp32 = [trace.malloc("fp32_grad", FP32 * numel) for numel in trainable]
+            if not self.adam_ready:
+                for numel in trainable:
+                    trace.malloc("exp_avg", FP32 * numel)
+                    trace.malloc("exp_avg_sq", FP32 * numel)
             trace.free(*fp32, *(grad for grad, _ in self.grads))
         elif plan.stage in (1, 2):
             trace.free(*self.buckets)
