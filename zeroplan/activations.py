@@ -174,8 +174,10 @@ def logits_bytes_per_token(vocab_size: int) -> tuple[int, int]:
 
 def activation_bytes(profile: ModelProfile, shape: TrainShape, compiled: bool = False) -> ActivationBytes:
     """Saved and transient activation bytes of one micro-batch (bf16, sdpa/flash attention);
-    `compiled`: the decoder layers run under torch.compile (the vision layers save the same either
-    way: their LayerNorm outputs feed Linears whose inputs the partitioner keeps)."""
+    `compiled` (or the shape's own `compiled`): the decoder layers run under torch.compile (the
+    vision layers save the same either way: their LayerNorm outputs feed Linears whose inputs the
+    partitioner keeps)."""
+    compiled = compiled or bool(getattr(shape, "compiled", False))
     vision, llm = profile.vision, profile.llm
     tiles = shape.micro_batch * shape.tiles
     patch_tokens = tiles * (vision.patches_per_tile + 1)

@@ -270,6 +270,7 @@ def estimate(profile: ModelProfile, shape: TrainShape, plan: Plan, gpu: GPUProfi
     (accumulated_gradient_bytes); `compiled`: the decoder layers run under torch.compile
     (zeroplan.activations.llm_layer_bytes_per_token)."""
     states = _most_loaded_rank_states(profile, replace(shape, micro_batch=1, grad_ckpt=False), plan)
+    compiled = compiled or bool(getattr(shape, "compiled", False))
     acts = activation_bytes(profile, shape, compiled)
     buffers = communication_buffer_bytes(profile, plan, states.partition_elems * plan.world_size)
     step = step_transient_bytes(profile, replace(shape, micro_batch=1, grad_ckpt=False), plan)

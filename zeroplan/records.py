@@ -10,6 +10,7 @@ draw is replayed and accepted only where it reproduces the recorded `tiles_per_s
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 from zeroplan.plan import TrainShape
@@ -96,11 +97,17 @@ def drawn_tiles(record: dict) -> tuple[int, str]:
 
 def record_shape(record: dict) -> TrainShape:
     """The shape a result line really ran: its spec with tiles = the largest micro-batch's."""
-    spec = record["spec"]
-    return TrainShape(micro_batch=spec["micro_batch"], seq_len=spec["seq_len"], tiles=drawn_tiles(record)[0],
-                      grad_ckpt=spec["grad_ckpt"], frozen=frozenset(spec.get("frozen", ())),
-                      lora_rank=spec.get("lora_rank", 0), packed=bool(spec.get("packed", False)),
-                      kernels=spec.get("kernels", "eager"))
+    return _shape(record["spec"], drawn_tiles(record)[0])
+
+
+def _shape(spec: dict, tiles: int) -> TrainShape:
+    """The spec's TrainShape with `tiles`; options TrainShape does not have (yet) are left out."""
+    fields = dict(micro_batch=spec["micro_batch"], seq_len=spec["seq_len"], tiles=tiles, grad_ckpt=spec["grad_ckpt"],
+                  frozen=frozenset(spec.get("frozen", ())), lora_rank=spec.get("lora_rank", 0),
+                  packed=bool(spec.get("packed", False)), kernels=spec.get("kernels", "eager"),
+                  compiled=bool(spec.get("compile", False)))
+    known = {field.name for field in dataclasses.fields(TrainShape)}
+    return TrainShape(**{key: value for key, value in fields.items() if key in known})
 
 
 def record_profile(record: dict) -> ModelProfile:
@@ -116,11 +123,7 @@ def record_profile(record: dict) -> ModelProfile:
 def spec_shape(record: dict) -> TrainShape:
     """The shape as the spec states it (tiles = the spec's value): what the step-time model was
     fitted on, since a step's time follows the mean tiles rather than the largest."""
-    spec = record["spec"]
-    return TrainShape(micro_batch=spec["micro_batch"], seq_len=spec["seq_len"], tiles=spec["tiles"],
-                      grad_ckpt=spec["grad_ckpt"], frozen=frozenset(spec.get("frozen", ())),
-                      lora_rank=spec.get("lora_rank", 0), packed=bool(spec.get("packed", False)),
-                      kernels=spec.get("kernels", "eager"))
+    return _shape(record["spec"], record["spec"]["tiles"])
 
 
 def gradient_accumulation(record: dict) -> int:
