@@ -34,18 +34,21 @@ class ZeroEvents:
     adam_ready: bool = False
 
     def init(self) -> None:
-        """What the engine holds and caches before the first step.
+        """What the engine holds and caches before the first step (checked against the runs'
+        recorded init_peak_allocated_bytes).
 
-        Stage 0 (FP16_UnfusedOptimizer): every parameter as built, and an fp32 master per
-        trainable one (`p.clone().float()`, the bf16 clone freed). Stages 1/2
-        (DeepSpeedZeroOptimizer.__init__): the parameters as built; the trainable ones flattened on
-        the GPU (flatten_on_accelerator, when it has room) into the flat bf16 buffer and made views
-        of it, so their own blocks are freed but stay cached (no empty_cache follows); the fp32 master slice
-        (`.clone().float()` of the bf16 slice) and, in initialize_optimizer_states, a zero fp32
-        gradient that is freed again (it stays cached). Stage 3: the flat bf16 shards, fp32 master
-        per sub-group, the gradient partition and reduce bucket; initialize_optimizer_states steps
-        every sub-group once on a zero fp32 buffer of the largest, so Adam's states exist at once.
-        Adam (torch AdamW) makes its states lazily at the first step under stages 0-2."""
+        Stage 0 (FP16_UnfusedOptimizer): every parameter as built and an fp32 master per trainable
+        one (`p.clone().float()`, the bf16 clone freed); initialize_optimizer_states then gives
+        every bf16 and every fp32 parameter a zero `.grad`, steps once (Adam's states appear) and
+        drops the zero gradients. Stages 1/2 (DeepSpeedZeroOptimizer.__init__): the parameters as
+        built; the trainable ones flattened on the GPU (flatten_on_accelerator, when it has room)
+        into the flat bf16 buffer and made views of it, so their own blocks are freed but stay
+        cached (no empty_cache follows); the fp32 master slice (`.clone().float()` of the bf16
+        slice) and, in initialize_optimizer_states, a zero fp32 gradient freed again. Stage 3:
+        the flat bf16 shards (defragment empties the cache first), fp32 master per sub-group
+        (`.clone().float()`), a zero fp32 buffer of the largest sub-group (initialize_optimizer_
+        states, freed), then the bf16 gradient partition and the reduce bucket. Under stages 1-3
+        torch AdamW makes its states at the first real step."""
         trace, states, plan = self.trace, self.states, self.plan
         trainable = trainable_numels(self.profile, self.shape)
         frozen = frozen_numels(self.profile, self.shape)
@@ -53,10 +56,19 @@ class ZeroEvents:
         if plan.stage == 0:
             for numel in frozen + trainable:
                 trace.malloc("param", BF16 * numel)
-            for numel in () if offload else trainable:
+            if offload:
+                return
+            for numel in trainable:
                 clone = trace.malloc("param.clone", BF16 * numel)
                 trace.malloc("master", FP32 * numel)
                 trace.free(clone)
+            zero_grads = [trace.malloc("init_grad", BF16 * numel) for numel in trainable]
+            zero_grads += [trace.malloc("init_grad", FP32 * numel) for numel in trainable]
+            for numel in trainable:
+                trace.malloc("exp_avg", FP32 * numel)
+                trace.malloc("exp_avg_sq", FP32 * numel)
+            trace.free(*zero_grads)
+            self.adam_ready = True
             return
         if plan.stage in (1, 2):
             for numel in frozen:
@@ -78,15 +90,10 @@ class ZeroEvents:
             clone = trace.malloc("partition.clone", BF16 * elems)
             trace.malloc("master", FP32 * elems)
             trace.free(clone)
+        if not offload:
+            trace.free(trace.malloc("init_grad", FP32 * max(sub_groups, default=0)))
         trace.malloc("grad_partitions", states.grads)
         trace.malloc("reduce_bucket", BF16 * plan.reduce_bucket_elems if plan.contiguous_gradients else 0)
-        if not offload:
-            buffer = trace.malloc("init_grad", FP32 * max(sub_groups, default=0))
-            for elems in sub_groups:
-                trace.malloc("exp_avg", FP32 * elems)
-                trace.malloc("exp_avg_sq", FP32 * elems)
-            trace.free(buffer)
-        self.adam_ready = True
 
     def weight_grad(self, name: str, elems: int) -> None:
         """A weight gradient autograd has just made (see adopt_grad)."""
@@ -143,25 +150,22 @@ class ZeroEvents:
             self.trace.free(self.trace.malloc("allreduce_flat", BF16 * bucket))
 
     def step(self) -> None:
-        """The optimizer step. Stage 0: an fp32 `.grad` per master, Adam's states (first step),
-        then every gradient freed. Stages 1/2: the buckets released, the bf16 flat copy of the
-        slice and its fp32 conversion, the reduced partition released, Adam's states (first step),
-        the fp32 gradient freed. Stage 3 (_prepare_fp32_grad_for_sub_group): one sub-group at a time,
-        `flatten(averaged_gradients).to(fp32)`, a bf16 flat copy and its fp32 conversion."""
+        """The optimizer step. Stage 0: an fp32 `.grad` per master, then every gradient freed.
+        Stages 1/2: the buckets released, the bf16 flat copy of the slice and its fp32 conversion,
+        the reduced partition released, Adam's states (first step), the fp32 gradient freed.
+        Stage 3 (_prepare_fp32_grad_for_sub_group): one sub-group at a time,
+        `flatten(averaged_gradients).to(fp32)`, a bf16 flat copy and its fp32 conversion, Adam's
+        states for it (first step)."""
         trace, plan, states = self.trace, self.plan, self.states
         offload = plan.offload_optimizer != "none"
         if plan.stage == 0:
-            # FP16_UnfusedOptimizer.step: an fp32 .grad per master in parameter order, then AdamW's
-            # _init_group (first step) exp_avg and exp_avg_sq per parameter, then each fp32 .grad
-            # dropped; zero_grad drops the bf16 ones.
+            # FP16_UnfusedOptimizer.step: get_weight_norm's fp32 copy of each gradient, an fp32
+            # .grad per master in parameter order, each dropped after the step; zero_grad drops the
+            # bf16 ones (Adam's states exist since initialize_optimizer_states).
             trainable = () if offload else trainable_numels(self.profile, self.shape)
             for numel in trainable:  # get_weight_norm: `p.data.float().norm()` of each gradient
                 trace.free(trace.malloc("norm_fp32", FP32 * numel))
             fp32 = [trace.malloc("fp32_grad", FP32 * numel) for numel in trainable]
-            if not self.adam_ready:
-                for numel in trainable:
-                    trace.malloc("exp_avg", FP32 * numel)
-                    trace.malloc("exp_avg_sq", FP32 * numel)
             trace.free(*fp32, *(grad for grad, _ in self.grads))
         elif plan.stage in (1, 2):
             trace.free(*self.buckets)
@@ -182,6 +186,9 @@ class ZeroEvents:
                 flat = trace.malloc("flat_copy", BF16 * elems)
                 fp32 = trace.malloc("fp32_grads", FP32 * elems)
                 trace.free(flat)
+                if not self.adam_ready:
+                    trace.malloc("exp_avg", FP32 * elems)
+                    trace.malloc("exp_avg_sq", FP32 * elems)
                 trace.free(fp32)
         self.adam_ready = True
         self.grads, self.buckets, self.partition, self.filled = [], [], None, 0
