@@ -59,9 +59,6 @@ class _Block:
         self.prev: _Block | None = None
         self.next: _Block | None = None
 
-    def key(self) -> tuple[int, int, int]:
-        return (self.size, self.segment, self.offset)
-
 
 @dataclass
 class CachingAllocator:
@@ -81,7 +78,7 @@ class CachingAllocator:
         """Allocate `size` bytes under `key` (any hashable name, freed by `free(key)`) on `stream`:
         a cached block serves only requests of the stream it was allocated on (the BlockPool's
         ordering compares the stream first, so `get_free_block` never crosses streams)."""
-        size = max(ROUND, -(-size // ROUND) * ROUND)
+        size = -(-size // ROUND) * ROUND or ROUND
         pool = (size <= SMALL_REQUEST, stream)
         block = self._take_free(pool, size) or self._new_segment(pool, size)
         block.free = False
@@ -95,50 +92,55 @@ class CachingAllocator:
         block, pool = self._live.pop(key)
         self.allocated -= block.size
         block.free = True
+        keys, blocks = self._free[pool]
         after = block.next
         if after is not None and after.free:
-            self._unlist(pool, after)
+            index = (after.size, after.segment, after.offset)
+            del keys[bisect.bisect_left(keys, index)]
+            del blocks[index]
             block.size += after.size
             block.next = after.next
             if after.next is not None:
                 after.next.prev = block
         before = block.prev
         if before is not None and before.free:
-            self._unlist(pool, before)
+            index = (before.size, before.segment, before.offset)
+            del keys[bisect.bisect_left(keys, index)]
+            del blocks[index]
             before.size += block.size
             before.next = block.next
             if block.next is not None:
                 block.next.prev = before
             block = before
-        self._list(pool, block)
+        index = (block.size, block.segment, block.offset)
+        bisect.insort(keys, index)
+        blocks[index] = block
 
     def is_live(self, key: object) -> bool:
         """Whether `key` holds a block."""
         return key in self._live
 
-    def _lists(self, pool: tuple[bool, int]) -> tuple[list, dict]:
-        if pool not in self._free:
-            self._free[pool] = ([], {})
-        return self._free[pool]
-
     def _list(self, pool: tuple[bool, int], block: _Block) -> None:
-        keys, blocks = self._lists(pool)
-        key = block.key()
-        bisect.insort(keys, key)
-        blocks[key] = block
+        keys, blocks = self._free.setdefault(pool, ([], {}))
+        index = (block.size, block.segment, block.offset)
+        bisect.insort(keys, index)
+        blocks[index] = block
 
     def _unlist(self, pool: tuple[bool, int], block: _Block) -> None:
-        keys, blocks = self._lists(pool)
-        key = block.key()
-        del keys[bisect.bisect_left(keys, key)]
-        del blocks[key]
+        keys, blocks = self._free[pool]
+        index = (block.size, block.segment, block.offset)
+        del keys[bisect.bisect_left(keys, index)]
+        del blocks[index]
 
     def _take_free(self, pool: tuple[bool, int], size: int) -> _Block | None:
-        keys, blocks = self._lists(pool)
-        index = bisect.bisect_left(keys, (size, -1, -1))
-        if index == len(keys):
+        lists = self._free.get(pool)
+        if lists is None:
             return None
-        block = blocks.pop(keys.pop(index))
+        keys, blocks = lists
+        position = bisect.bisect_left(keys, (size,))
+        if position == len(keys):
+            return None
+        block = blocks.pop(keys.pop(position))
         remainder = block.size - size
         if remainder > (0 if pool[0] else SMALL_REQUEST) and remainder >= ROUND:
             rest = _Block(block.segment, block.offset + size, remainder)
@@ -147,7 +149,9 @@ class CachingAllocator:
                 block.next.prev = rest
             block.next = rest
             block.size = size
-            self._list(pool, rest)
+            index = (remainder, rest.segment, rest.offset)
+            bisect.insort(keys, index)
+            blocks[index] = rest
         return block
 
     def _new_segment(self, pool: tuple[bool, int], size: int) -> _Block:
