@@ -56,7 +56,7 @@ def rows_for(sweep: Path, calibrated, plain) -> list[dict]:
             "offload_optimizer": spec.get("offload_optimizer", "none"), "status": status,
             "kernels": spec.get("kernels", "eager"), "packed": spec.get("packed", False),
             "compile": spec.get("compile", False), "gradient_accumulation": accumulation,
-            "vocab_multiple": spec.get("vocab_multiple", 1), "not_modelled": not_modelled(spec),
+            "vocab_multiple": spec.get("vocab_multiple", 1),
             "in_calibration_set": sweep.name in CALIBRATION_SWEEPS,
             "predicted_allocated": with_cal.peak_allocated, "predicted_reserved_calibrated": with_cal.peak_reserved,
             "predicted_reserved_uncalibrated": without.peak_reserved,
@@ -79,14 +79,6 @@ def rows_for(sweep: Path, calibrated, plain) -> list[dict]:
                        error_step_uncalibrated=(time_plain.step_s - record["step_time_s"]) / record["step_time_s"])
         rows.append(row)
     return rows
-
-
-def not_modelled(spec: dict) -> str:
-    """Why a run's memory lies outside what zeroplan models ('' when it is modelled): optimizer
-    offload's GPU-side staging buffers are not replayed."""
-    if spec.get("offload_optimizer", "none") != "none":
-        return "optimizer offload (GPU staging buffers not replayed)"
-    return ""
 
 
 def relative(predicted: int, measured: int | None) -> float | None:
@@ -137,10 +129,9 @@ def gib(value) -> str:
 
 def render(rows: list[dict], device: str, when: str) -> str:
     ok = [r for r in rows if r["status"] == "ok"]
-    modelled = [r for r in ok if not r["not_modelled"]]
-    out_of_sample = [r for r in modelled if not r["in_calibration_set"]]
-    fixed = [r for r in modelled if r["fixed_tiles"] or r["tiles"] <= 1]
-    liger = [r for r in modelled if r["kernels"] != "eager"]
+    out_of_sample = [r for r in ok if not r["in_calibration_set"]]
+    fixed = [r for r in ok if r["fixed_tiles"] or r["tiles"] <= 1]
+    liger = [r for r in ok if r["kernels"] != "eager"]
     lines = [
         "# Accuracy of zeroplan's memory and step-time models on one H100",
         "",
@@ -160,32 +151,27 @@ def render(rows: list[dict], device: str, when: str) -> str:
         "predicted for its largest micro-batch, from the recorded `step_tiles` or, for older records, the runner's "
         "draw replayed and checked against the recorded `tiles_per_sample` (zeroplan.records); the replayed allocator "
         "also gets every step's tiles",
-        "- not modelled (reported, left out of the target figures): optimizer offload",
         "",
         "## Summary",
         "",
-        f"- peak allocated, every modelled run: {summary([r['error_allocated'] for r in modelled])}",
+        f"- peak allocated, every run: {summary([r['error_allocated'] for r in ok])}",
         f"- peak allocated, runs with exactly the spec's tiles: {summary([r['error_allocated'] for r in fixed])}",
         f"- peak allocated, out of the calibration set: {summary([r['error_allocated'] for r in out_of_sample])}",
         f"- peak allocated, Liger-Kernel runs: {summary([r['error_allocated'] for r in liger])}",
         f"- under-estimates of peak allocated by more than 5 %: "
         f"{sum(1 for r in ok if r['error_allocated'] < -0.05)} of {len(ok)} (every finished run)",
-        f"- peak reserved, every modelled run, calibrated: {summary([r['error_reserved_calibrated'] for r in modelled])}; "
-        f"uncalibrated: {summary([r['error_reserved_uncalibrated'] for r in modelled])}",
+        f"- peak reserved, every run, calibrated: {summary([r['error_reserved_calibrated'] for r in ok])}; "
+        f"uncalibrated: {summary([r['error_reserved_uncalibrated'] for r in ok])}",
         f"- under-estimates of peak reserved by more than 5 %: "
-        f"{sum(1 for r in modelled if r['error_reserved_calibrated'] < -0.05)} of {len(modelled)}",
+        f"{sum(1 for r in ok if r['error_reserved_calibrated'] < -0.05)} of {len(ok)}",
         f"- NVML peak used (reserved + CUDA context), calibrated: "
-        f"{summary([r['error_nvml_calibrated'] for r in modelled if r['error_nvml_calibrated'] is not None])}; "
-        f"uncalibrated: {summary([r['error_nvml_uncalibrated'] for r in modelled if r['error_nvml_uncalibrated'] is not None])}",
+        f"{summary([r['error_nvml_calibrated'] for r in ok if r['error_nvml_calibrated'] is not None])}; "
+        f"uncalibrated: {summary([r['error_nvml_uncalibrated'] for r in ok if r['error_nvml_uncalibrated'] is not None])}",
         f"- DeepSpeed's estimator against peak allocated: "
         f"{summary([r['error_deepspeed'] for r in ok if r['error_deepspeed'] is not None])}",
         f"- step time, calibrated: {summary([r['error_step_calibrated'] for r in ok if r['offload_optimizer'] == 'none'])}; "
         f"uncalibrated: {summary([r['error_step_uncalibrated'] for r in ok if r['offload_optimizer'] == 'none'])}",
     ]
-    for r in ok:
-        if r["not_modelled"]:
-            lines.append(f"- not modelled: {r['sweep']} {r['model']} stage {r['stage']} ({label(r)}): {r['not_modelled']}; "
-                         f"allocated {pct(r['error_allocated'])}, reserved {pct(r['error_reserved_calibrated'])}")
     ooms = [r for r in rows if r["status"] == "oom"]
     predicted_oom = sum(1 for r in ooms if r["predicted_peak_calibrated"] > r["capacity"])
     fits_ok = sum(1 for r in ok if r["predicted_peak_calibrated"] <= r["capacity"])

@@ -32,6 +32,7 @@ class ZeroEvents:
     partition: str | None = None
     filled: int = 0
     adam_ready: bool = False
+    bucket_params: list = field(default_factory=list)
 
     def init(self) -> None:
         """What the engine holds and caches before the first step (checked against the runs'
@@ -116,12 +117,27 @@ class ZeroEvents:
                 # when overlap_comm is on, so its block belongs to that stream.
                 stream = REDUCTION_STREAM if self.plan.overlap_comm else MAIN_STREAM
                 self.partition = self.trace.malloc("grads_in_partition", self.states.grads, stream)
+            if overflow:
+                self._offload_bucket()
             self.filled = elems if overflow else self.filled + elems
+            self.bucket_params.append(elems)
         if self.plan.stage == 3 and self.plan.offload_optimizer == "none":
             if self.filled + elems > self.plan.reduce_bucket_elems:
                 self._reduce_scatter()
             self.filled += elems
         self.trace.free(grad)
+
+    def _offload_bucket(self) -> None:
+        """ZeRO-1/2 with the optimizer offloaded, when a bucket is reduced (copy_grads_in_partition,
+        under the reduction stream with overlap_comm): per gradient, its fp64 copy for the norm
+        (set_norm_for_param_grad_in_gpu: `.to(get_norm_dtype())`, fp64 on CUDA) and its fp32 copy
+        for the host (async_inplace_copy_grad_to_fp32_buffer_from_gpu), one after the other."""
+        if self.plan.offload_optimizer != "none":
+            stream = REDUCTION_STREAM if self.plan.overlap_comm else MAIN_STREAM
+            for elems in self.bucket_params:
+                self.trace.free(self.trace.malloc("norm_fp64", 8 * elems, stream))
+                self.trace.free(self.trace.malloc("offload_fp32", FP32 * elems, stream))
+        self.bucket_params = []
 
     def _reduce_scatter(self) -> None:
         """ZeRO-3 flushing its bucket (__reduce_and_partition_ipg_grads, on the
@@ -138,6 +154,8 @@ class ZeroEvents:
         ZeRO-3: the last bucket is reduced."""
         if self.plan.stage == 3:
             self._reduce_scatter()
+        if self.plan.stage in (1, 2):
+            self._offload_bucket()
         if self.plan.stage != 0:
             return
         bucket = 0
