@@ -52,7 +52,7 @@ def test_recommend_writes_a_config_and_json(capsys, tmp_path):
 def test_recommend_nothing_fits_exits_3(capsys, tmp_path):
     target = tmp_path / "ds.json"
     code, _, err = run(capsys, "recommend", "--model", "78b", "--gpus", "1", "--global-batch", "1", "--gpu", "l40s",
-                       "--seq-len", "16384", "--out", str(target))
+                       "--seq-len", "16384", "--plain", "--out", str(target))
     assert code == 3 and "no plan fits" in err and "would fit with" in err
     assert not target.exists()
 

@@ -47,8 +47,28 @@ def test_accumulation_follows_from_the_global_batch():
 def test_nothing_fits_raises_with_suggestions():
     with pytest.raises(DoesNotFit) as error:
         recommend(load_model("78b"), TrainShape(seq_len=16384), Plan(gpus_per_node=1, nodes=1),
-                  load_gpu("l40s"), 1)
+                  load_gpu("l40s"), 1, speed=False)
     assert any("GPUs" in s for s in error.value.suggestions)
+
+
+def test_the_fused_loss_is_chosen_only_when_the_eager_loss_does_not_fit():
+    # 78B on one L40S with everything offloaded: the eager loss's fp32 logits over 16k tokens do
+    # not fit, Liger's fused loss does.
+    result = recommend(load_model("78b"), TrainShape(seq_len=16384), Plan(gpus_per_node=1, nodes=1),
+                       load_gpu("l40s"), 1)
+    assert result.best.shape.kernels == "liger-loss" and result.best.fits
+    assert all(not c.fits for c in result.others if c.shape.kernels == "eager")
+    # 2B on 8 H100s fits either way: the eager loss, as fast and simpler, wins
+    small = recommend(load_model("2b"), TrainShape(seq_len=4096), Plan(gpus_per_node=8, nodes=1),
+                      load_gpu("h100"), 128)
+    assert small.best.shape.kernels == "eager"
+
+
+def test_speed_options_compile_only_below_stage_3():
+    result = _best("2b", 8)
+    assert result.best.shape.compiled == (result.best.plan.stage != 3)
+    assert all(not c.shape.compiled for c in result.others if c.plan.stage == 3)
+    assert any(c.shape.compiled for c in result.others if c.plan.stage < 3)
 
 
 def test_uneven_global_batch_is_rejected():

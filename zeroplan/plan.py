@@ -33,7 +33,8 @@ class TrainShape:
     modules (the loss upcasts the whole [tokens, vocab] logits to fp32); "liger" is Liger-Kernel's
     fused RMSNorm/LayerNorm, SwiGLU, RoPE and fused linear cross-entropy (logits are never
     materialised whole); "liger-loss" is only the fused linear cross-entropy (the layers stay
-    transformers' own, e.g. for torch.compile to fuse).
+    transformers' own, e.g. for torch.compile to fuse). `compiled`: each decoder and vision layer
+    runs under torch.compile (regional compilation).
     """
 
     micro_batch: int = 1
@@ -44,6 +45,7 @@ class TrainShape:
     lora_rank: int = 0
     packed: bool = False
     kernels: str = "eager"
+    compiled: bool = False
 
     def __post_init__(self):
         _check_int("micro-batch", self.micro_batch, 1, 4096)

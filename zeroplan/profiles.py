@@ -7,6 +7,8 @@ counts) are computed in zeroplan.params, never typed into a profile.
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import math
 import tomllib
@@ -330,3 +332,14 @@ def match_gpu_name(nvml_name: str) -> GPUProfile | None:
                 stem = "a100-40gb"
             return load_gpu(stem)
     return None
+
+
+def pad_vocab(profile: ModelProfile, multiple: int) -> ModelProfile:
+    """The profile with its vocabulary (embedding and lm_head rows) rounded up to `multiple`, as
+    Megatron's make-vocab-size-divisible-by does (1: unchanged). InternVL2.5-2B's 92,553 rows and
+    Qwen2.5's 151,674 give the logits a leading dimension that is not a multiple of 8, and cuBLAS
+    then runs the step's largest matrix products on slow kernels."""
+    if multiple <= 1 or profile.llm.vocab_size % multiple == 0:
+        return profile
+    vocab = -(-profile.llm.vocab_size // multiple) * multiple
+    return dataclasses.replace(profile, llm=dataclasses.replace(profile.llm, vocab_size=vocab))

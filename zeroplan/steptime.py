@@ -22,13 +22,33 @@ micro-batch per GPU, plus what a stage does once per step. The figures per term:
   in forward and backward (fetch, all-gather launch, wait, release, allocation of the gathered
   buffer), a fixed cost per module per pass that does not shrink with the world size (it is there
   on one GPU too). `stage3_module_overhead_s` is that cost per module per micro-step, measured by
-  `zeroplan calibrate` (ZeRO-3 against ZeRO-1 on the same micro-batch);
-- offload: gradients to the host and parameters back over PCIe, DeepSpeedCPUAdam on the host.
+  `zeroplan calibrate` (ZeRO-3 against ZeRO-1 on the same micro-batch). A checkpointed module's
+  recomputed forward runs its fetch hooks again: 6 hook calls instead of 4, 1.5 passes;
+- offload: gradients to the host and parameters back over PCIe, DeepSpeedCPUAdam on the host;
+- misaligned LM head: with a vocabulary that is not a multiple of 8 (InternVL2.5-2B's 92,553,
+  Qwen2.5's 151,674) the logits' leading dimension breaks cuBLAS's 16-byte alignment rule for
+  tensor-core kernels, and the LM head's three products (forward, input and weight gradients) run
+  on slow fallback kernels at `misaligned_gemm_efficiency` of peak (0.10 on the H100, where a
+  4096×2048×92553 product took 15.8 ms: reports/h100_profile). A vocabulary padded to a multiple of
+  128 (`pad_vocab`) removes the term;
+- compiled layers: torch.compile of each layer fuses its elementwise chains (norms, rotary, SiLU·mul,
+  residual adds, casts) into a few Triton kernels, so a compiled layer costs
+  `compiled_layer_overhead_s` per micro-step instead of `layer_overhead_s`;
+- recomputation: under checkpointing each layer's forward runs again in backward, its FLOPs in
+  the compute term and its fixed cost (the forward's launches again, plus torch.utils.checkpoint's
+  saved-tensor hooks that trigger and unpack the recomputation) as `recompute_layer_overhead_s` per
+  checkpointed layer and micro-step;
+- per-tensor bookkeeping at the optimizer step: DeepSpeed's ZeRO-1/2 optimizer visits every
+  trainable tensor at the accumulation boundary (its gradient hook reduces it into the flat
+  partition; the gradient norm and the finiteness checks run per tensor: 661 tensors on 2B, about
+  13,800 launches, reports/h100_profile), `step_tensor_overhead_s` each, once per optimizer step.
+  ZeRO-2 partitions gradients, so its hooks reduce every micro-step, not only at the boundary.
+  Gradient accumulation spreads the once-per-step part over its micro-steps.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from zeroplan.activations import activation_bytes
 from zeroplan.flops import backward_factors, shape_flops
@@ -41,10 +61,19 @@ MEMORY_TRAFFIC_PER_SAVED_BYTE = 4
 CPU_ADAM_ELEMS_PER_S_PER_NODE = 2.0e9
 OVERLAP_INTERFERENCE = 0.1
 ADAM_BYTES_PER_ELEM = 32
-# Until calibrated: 0.3 ms per module per micro-step (forward + backward hooks), what a plain
-# transformers + DeepSpeed loop showed on one H100 for InternVL 2B (ZeRO-1 18 % MFU, ZeRO-3 12 %).
-DEFAULT_STAGE3_MODULE_OVERHEAD_S = 3e-4
-DEFAULT_LAYER_OVERHEAD_S = 0.0
+# Host-side costs (Python, DeepSpeed's hooks, kernel launches) are properties of the software stack
+# and the host CPU more than of the GPU. Until a GPU is calibrated it takes the H100's, fitted by
+# zeroplan calibrate over 61 H100 runs (2026-11-25; profiles/gpus/h100-80gb.toml says which).
+DEFAULT_STAGE3_MODULE_OVERHEAD_S = 0.0018677
+DEFAULT_LAYER_OVERHEAD_S = 0.0036081
+DEFAULT_COMPILED_LAYER_OVERHEAD_S = 0.0004155
+DEFAULT_RECOMPUTE_LAYER_OVERHEAD_S = 0.0020231
+DEFAULT_STEP_TENSOR_OVERHEAD_S = 0.0001217
+# Until calibrated: cuBLAS's fallback for misaligned bf16 products ran at about a tenth of peak on
+# the H100 (reports/h100_profile: 2·4096·2048·92553 = 1.55 TFLOP in 15.8 ms, 98 TFLOPS of 989).
+DEFAULT_MISALIGNED_GEMM_EFFICIENCY = 0.099
+ALIGNED_VOCAB_MULTIPLE = 8
+BF16_BYTES = 2
 
 
 @dataclass(frozen=True)
@@ -140,39 +169,148 @@ def offload_seconds(profile: ModelProfile, shape: TrainShape, plan: Plan, gpu: G
     return seconds
 
 
-def step_time(profile: ModelProfile, shape: TrainShape, plan: Plan, gpu: GPUProfile,
-              accumulation: int) -> StepTime:
-    """Predicted seconds and throughput of one optimizer step."""
+@dataclass(frozen=True)
+class StepTerms:
+    """The step-time model's terms for one plan, each the quantity a calibrated constant multiplies
+    (or a time already in seconds). Shared by step_time and zeroplan calibrate's fit."""
+
+    compute_flops: float        # model FLOPs + recomputation, per optimizer step (at 1/efficiency of peak)
+    misaligned_flops: float     # the LM head's products on cuBLAS's fallback kernels, per step
+    eager_layer_passes: float   # layers × micro-steps run by transformers' modules
+    compiled_layer_passes: float  # layers × micro-steps run by torch.compile'd layers
+    recomputed_layer_passes: float  # checkpointed layers × micro-steps (forward run again in backward)
+    tensor_visits: float        # trainable tensors visited by DeepSpeed's per-tensor bookkeeping, per step
+    module_passes: float        # ZeRO-3 partitioned modules × micro-steps
+    fixed_s: float              # memory-bound work, exposed communication, offload and Adam, per step
+    memory_bound_s: float
+    exposed_comm_s: float
+    offload_s: float
+    optimizer_s: float
+
+
+def trainable_tensor_count(profile: ModelProfile, shape: TrainShape) -> int:
+    """Tensors the optimizer updates (each a DeepSpeed gradient hook and a per-tensor norm)."""
+    trained = sum(1 for t in model_tensors(profile) if shape.trains(t.tower))
+    return trained + (len(lora_tensors(profile, shape.lora_rank)) if shape.lora_rank else 0)
+
+
+def checkpointed_layers(profile: ModelProfile, shape: TrainShape) -> int:
+    """Layers whose forward runs again in backward under checkpointing (transformers checkpoints
+    every decoder and vision layer whose input needs a gradient)."""
+    if not shape.grad_ckpt:
+        return 0
+    factors = backward_factors(shape)
+    return (profile.llm.num_layers if factors["llm"] else 0) + (profile.vision.num_layers if factors["vision"] == 2 else 0)
+
+
+def fused_loss_extra_bytes(profile: ModelProfile, shape: TrainShape) -> int:
+    """HBM traffic Liger's fused linear cross-entropy adds over the eager loss in one micro-step.
+    It walks the tokens in chunks (ops/fused_linear_cross_entropy.py: inc_factor = ceil(V / H),
+    chunk = next power of two of ceil(tokens / inc_factor)) and, per chunk, reads the [V, H] weight
+    twice (logits, input gradient) and reads and writes its bf16 gradient (addmm into grad_weight);
+    the eager loss reads the weight three times and writes its gradient once for the whole batch.
+    For 2B at 8192 tokens: 32 chunks, about 47 GB more, 14 ms on an H100 (measured: 21 ms)."""
+    if shape.kernels == "eager":
+        return 0
+    tokens = shape.micro_batch * shape.seq_len
+    vocab, hidden = profile.llm.vocab_size, profile.llm.hidden_size
+    per_chunk_factor = -(-vocab // hidden)
+    chunk = min(1 << max(0, (-(-tokens // per_chunk_factor) - 1).bit_length()), tokens)
+    chunks = -(-tokens // chunk)
+    weight = BF16_BYTES * vocab * hidden
+    trains = shape.trains("llm")
+    fused = chunks * (2 * weight + (2 * weight if trains else 0))
+    eager = 3 * weight + (weight if trains else 0)
+    return max(fused - eager, 0)
+
+
+def lm_head_flops(profile: ModelProfile, shape: TrainShape) -> float:
+    """FLOPs of the LM head's products in one micro-step: forward, the input gradient, and the
+    weight gradient when the LLM trains."""
+    factors = backward_factors(shape)
+    tokens = shape.micro_batch * shape.seq_len
+    return (1 + factors["llm"]) * 2.0 * tokens * profile.llm.hidden_size * profile.llm.vocab_size
+
+
+def step_terms(profile: ModelProfile, shape: TrainShape, plan: Plan, gpu: GPUProfile, accumulation: int) -> StepTerms:
+    """The terms of one optimizer step of `accumulation` micro-steps (see the module docstring)."""
     flops = shape_flops(profile, shape)
     factors = backward_factors(shape)
     recompute = 0
     if shape.grad_ckpt:
         recompute = (flops.llm_forward if factors["llm"] else 0) + (flops.vision_forward if factors["vision"] == 2 else 0)
-    efficiency = float(gpu.calibrated.get("compute_efficiency", DEFAULT_COMPUTE_EFFICIENCY))
-    peak_flops = gpu.bf16_dense_tflops * 1e12
-    compute = (flops.total + recompute) / (peak_flops * efficiency)
+    misaligned = lm_head_flops(profile, shape) if profile.llm.vocab_size % ALIGNED_VOCAB_MULTIPLE else 0.0
     acts = activation_bytes(profile, shape)
-    memory_bound = MEMORY_TRAFFIC_PER_SAVED_BYTE * (acts.saved + acts.logits_backward_transient) / (
-        gpu.hbm_bandwidth_gbps * 1e9)
+    # The loss moves the [tokens, vocab] logits through HBM whichever way it runs: Liger's fused
+    # loss writes and reads them chunk by chunk instead of holding them whole, so its traffic (and
+    # time) is the eager loss's even though its memory is not.
+    logits = activation_bytes(profile, replace(shape, kernels="eager")).logits_backward_transient
+    memory_bound = (MEMORY_TRAFFIC_PER_SAVED_BYTE * (acts.saved + logits) + fused_loss_extra_bytes(profile, shape)
+                    ) / (gpu.hbm_bandwidth_gbps * 1e9)
     if shape.grad_ckpt:
         memory_bound *= 1.5
     layers = profile.vision.num_layers + profile.llm.num_layers
-    layer_overhead = layers * float(gpu.calibrated.get("layer_overhead_s", DEFAULT_LAYER_OVERHEAD_S))
-    micro = compute + memory_bound + layer_overhead + stage3_overhead_seconds(profile, plan, gpu)
+    tensors = trainable_tensor_count(profile, shape)
     every_micro, once, serial = communication_seconds(profile, shape, plan, gpu)
+    micro_estimate = (flops.total + recompute) / (gpu.bf16_dense_tflops * 1e12 * DEFAULT_COMPUTE_EFFICIENCY)
     overlap = plan.overlap_comm or plan.stage == 3
-    exposed_micro = _exposed(every_micro, micro, overlap)
-    serial += _exposed(once, micro, overlap)
+    exposed = accumulation * _exposed(every_micro, micro_estimate, overlap) + serial + _exposed(once, micro_estimate, overlap)
     offload = offload_seconds(profile, shape, plan, gpu, accumulation)
     optimizer = 0.0 if plan.offload_optimizer != "none" else (
         ADAM_BYTES_PER_ELEM * _trainable_elems(profile, shape) / plan.world_size / (gpu.hbm_bandwidth_gbps * 1e9))
-    step = accumulation * (micro + exposed_micro) + serial + offload + optimizer
+    return StepTerms(
+        compute_flops=accumulation * (flops.total + recompute), misaligned_flops=accumulation * misaligned,
+        eager_layer_passes=0.0 if shape.compiled else accumulation * layers,
+        compiled_layer_passes=accumulation * layers if shape.compiled else 0.0,
+        recomputed_layer_passes=accumulation * checkpointed_layers(profile, shape),
+        tensor_visits=tensors * (accumulation + 1 if plan.stage == 2 else 1),
+        module_passes=(accumulation * partitioned_module_count(profile, plan) * (1.5 if shape.grad_ckpt else 1.0)
+                       if plan.stage == 3 else 0.0),
+        fixed_s=accumulation * memory_bound + exposed + offload + optimizer,
+        memory_bound_s=accumulation * memory_bound, exposed_comm_s=exposed, offload_s=offload, optimizer_s=optimizer)
+
+
+def constants(gpu: GPUProfile) -> dict[str, float]:
+    """The GPU's step-time constants: calibrated where `zeroplan calibrate` measured them."""
+    given = gpu.calibrated
+    return {
+        "compute_efficiency": float(given.get("compute_efficiency", DEFAULT_COMPUTE_EFFICIENCY)),
+        "misaligned_gemm_efficiency": float(given.get("misaligned_gemm_efficiency", DEFAULT_MISALIGNED_GEMM_EFFICIENCY)),
+        "layer_overhead_s": float(given.get("layer_overhead_s", DEFAULT_LAYER_OVERHEAD_S)),
+        "compiled_layer_overhead_s": float(given.get("compiled_layer_overhead_s", DEFAULT_COMPILED_LAYER_OVERHEAD_S)),
+        "recompute_layer_overhead_s": float(given.get("recompute_layer_overhead_s", DEFAULT_RECOMPUTE_LAYER_OVERHEAD_S)),
+        "step_tensor_overhead_s": float(given.get("step_tensor_overhead_s", DEFAULT_STEP_TENSOR_OVERHEAD_S)),
+        "stage3_module_overhead_s": float(given.get("stage3_module_overhead_s", DEFAULT_STAGE3_MODULE_OVERHEAD_S)),
+    }
+
+
+def seconds_of(terms: StepTerms, gpu: GPUProfile, values: dict[str, float]) -> float:
+    """The step time the terms give under a set of constants."""
+    peak = gpu.bf16_dense_tflops * 1e12
+    compute = terms.compute_flops / (peak * values["compute_efficiency"])
+    slow = terms.misaligned_flops * (1 / values["misaligned_gemm_efficiency"] - 1 / values["compute_efficiency"]) / peak
+    return (compute + max(slow, 0.0) + terms.eager_layer_passes * values["layer_overhead_s"]
+            + terms.compiled_layer_passes * values["compiled_layer_overhead_s"]
+            + terms.recomputed_layer_passes * values["recompute_layer_overhead_s"]
+            + terms.tensor_visits * values["step_tensor_overhead_s"]
+            + terms.module_passes * values["stage3_module_overhead_s"] + terms.fixed_s)
+
+
+def step_time(profile: ModelProfile, shape: TrainShape, plan: Plan, gpu: GPUProfile,
+              accumulation: int) -> StepTime:
+    """Predicted seconds and throughput of one optimizer step."""
+    terms = step_terms(profile, shape, plan, gpu, accumulation)
+    values = constants(gpu)
+    step = seconds_of(terms, gpu, values)
+    flops = shape_flops(profile, shape)
+    peak_flops = gpu.bf16_dense_tflops * 1e12
     tokens = shape.micro_batch * shape.seq_len * accumulation * plan.world_size
     model_flops_per_gpu = flops.total * accumulation / step
     return StepTime(
-        compute_s=accumulation * compute, memory_bound_s=accumulation * memory_bound,
-        exposed_comm_s=accumulation * exposed_micro + serial, offload_s=offload, optimizer_s=optimizer,
-        step_s=step, tokens_per_s=tokens / step, tokens_per_s_per_gpu=tokens / step / plan.world_size,
+        compute_s=terms.compute_flops / (peak_flops * values["compute_efficiency"]),
+        memory_bound_s=terms.memory_bound_s, exposed_comm_s=terms.exposed_comm_s, offload_s=terms.offload_s,
+        optimizer_s=terms.optimizer_s, step_s=step, tokens_per_s=tokens / step,
+        tokens_per_s_per_gpu=tokens / step / plan.world_size,
         samples_per_s=shape.micro_batch * accumulation * plan.world_size / step,
         model_tflops_per_gpu=model_flops_per_gpu / 1e12, mfu=model_flops_per_gpu / peak_flops,
     )

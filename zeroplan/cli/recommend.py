@@ -48,6 +48,33 @@ def _payload(result, profile, chosen, config, out_path, launches) -> dict:
     }
 
 
+def _recipe(given, profile, best, gpu) -> list[str]:
+    """How to train so the prediction holds: the speed settings the recommended plan assumes, and
+    what padding a misaligned vocabulary would gain (predicted)."""
+    from dataclasses import replace
+
+    from zeroplan.profiles import pad_vocab
+    from zeroplan.steptime import ALIGNED_VOCAB_MULTIPLE, step_time
+
+    shape = best.shape
+    lines = [f"gradient accumulation {best.gradient_accumulation} (one optimizer step per "
+             f"{best.gradient_accumulation} micro-batches: DeepSpeed's per-step work is spread over them)"]
+    if shape.compiled:
+        lines.append("torch.compile each LLM decoder layer and vision encoder layer (regional compilation)")
+    if shape.kernels == "liger-loss":
+        lines.append("Liger-Kernel's fused linear cross-entropy for the loss (the tokens × vocabulary logits never exist)")
+    if shape.packed:
+        lines.append("packed rows with varlen attention (torch.nn.attention.varlen; samples do not attend across)")
+    if profile.llm.vocab_size != given.llm.vocab_size:
+        lines.append(f"vocabulary padded from {given.llm.vocab_size:,} to {profile.llm.vocab_size:,} rows")
+    elif profile.llm.vocab_size % ALIGNED_VOCAB_MULTIPLE:
+        faster = step_time(pad_vocab(profile, 128), replace(shape), best.plan, gpu, best.gradient_accumulation)
+        gain = best.time.step_s / faster.step_s - 1
+        lines.append(f"the vocabulary ({profile.llm.vocab_size:,}) is not a multiple of {ALIGNED_VOCAB_MULTIPLE}: "
+                     f"--pad-vocab 128 is predicted {gain:.0%} faster (aligned LM head products)")
+    return lines
+
+
 def _print(payload: dict, result) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -66,6 +93,8 @@ def _print(payload: dict, result) -> None:
     console.print(f"  predicted peak {o.gib(best['predicted_peak_bytes'])} GiB of {o.gib(payload['budget_bytes'])} "
                   f"usable; step {best['predicted_step_s']:.2f} s; {best['predicted_tokens_per_s']:,.0f} tokens/s "
                   f"({best['predicted_mfu']:.0%} MFU)")
+    for line in payload["recipe"]:
+        console.print(f"  [cyan]•[/cyan] {line}")
     table = Table(title="per-GPU memory of the recommended plan")
     table.add_column("term")
     table.add_column("GiB", justify="right")
@@ -73,11 +102,12 @@ def _print(payload: dict, result) -> None:
         table.add_row(key, o.gib(value))
     console.print(table)
     runners = Table(title="runners-up (best 12)")
-    for column in ("stage", "micro", "accum", "ckpt", "offload", "peak GiB", "tokens/s", "why not"):
+    for column in ("stage", "micro", "accum", "ckpt", "loss", "offload", "peak GiB", "tokens/s", "why not"):
         runners.add_column(column)
     for alt in payload["alternatives"][:12]:
         runners.add_row(str(alt["stage"]), str(alt["micro_batch"]), str(alt["gradient_accumulation"]),
-                        "on" if alt["grad_ckpt"] else "off", f"{alt['offload_optimizer']}/{alt['offload_params']}",
+                        "on" if alt["grad_ckpt"] else "off", "fused" if alt["loss"] != "eager" else "eager",
+                        f"{alt['offload_optimizer']}/{alt['offload_params']}",
                         o.gib(alt["predicted_peak_bytes"]), f"{alt['predicted_tokens_per_s']:,.0f}",
                         alt["rejected_because"])
     console.print(runners)
@@ -101,6 +131,9 @@ def command(
     no_offload: Annotated[bool, typer.Option("--no-offload", help="Never offload to the CPU.")] = False,
     flavour: Annotated[str, typer.Option("--flavour", help="concrete or hf (HF Trainer 'auto' fields).")] = "concrete",
     out: Annotated[Path, typer.Option("--out", help="Where to write the DeepSpeed config.")] = Path("ds_config.json"),
+    plain: Annotated[bool, typer.Option("--plain", help="Plan the plain transformers loop: no torch.compile, no fused loss.")] = False,
+    packed: Annotated[bool, typer.Option("--packed", help="Rows pack several samples (varlen attention, no attention across them).")] = False,
+    pad_vocab: Annotated[int, typer.Option("--pad-vocab", help="Pad the vocabulary to a multiple of this (1: as is; 128 aligns the LM head).")] = 1,
     json_out: o.Json = False,
 ):
     """Recommend the fastest ZeRO plan that fits, explain the runners-up, write its DeepSpeed config."""
@@ -112,8 +145,15 @@ def command(
     from zeroplan.planner import recommend
     from zeroplan.profiles import load_model
 
-    profile = load_model(model)
-    shape = o.build_shape(1, seq_len, tiles, True, freeze, lora_rank, profile)
+    from dataclasses import replace
+
+    from zeroplan.profiles import pad_vocab as padded
+
+    if isinstance(pad_vocab, bool) or not 1 <= pad_vocab <= 4096:
+        raise InvalidInput(f"--pad-vocab must be a whole number from 1 to 4096, got {pad_vocab}")
+    given = load_model(model)
+    profile = padded(given, pad_vocab)
+    shape = replace(o.build_shape(1, seq_len, tiles, True, freeze, lora_rank, profile), packed=packed)
     base = o.build_plan(0, gpus, nodes, gpus_per_node)
     o.check_fraction("--headroom", headroom)
     if flavour not in ("concrete", "hf"):
@@ -123,7 +163,7 @@ def command(
         chosen = choose_gpu(gpu)
         try:
             result = recommend(profile, shape, base, chosen.profile, global_batch, headroom,
-                               allow_offload=not no_offload)
+                               allow_offload=not no_offload, speed=not plain)
         except DoesNotFit as error:
             typer.echo(f"zeroplan: {error}", err=True)
             for suggestion in error.suggestions:
@@ -135,6 +175,7 @@ def command(
     write_atomic(out, to_json(config))
     payload = _payload(result, profile, chosen, config, out, _launch_lines(result.best.plan, str(out)))
     payload["validation"] = note or "validated by DeepSpeed's config classes"
+    payload["recipe"] = _recipe(given, profile, result.best, chosen.profile)
     if json_out:
         o.print_json(payload)
     else:

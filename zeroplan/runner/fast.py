@@ -15,21 +15,17 @@
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 
-from zeroplan.profiles import ModelProfile
+from zeroplan.profiles import ModelProfile, pad_vocab
 
 VARLEN = "zeroplan_varlen"
 VARLEN_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 
 def padded_profile(profile: ModelProfile, multiple: int) -> ModelProfile:
-    """The profile with its vocabulary rounded up to `multiple` rows (1: unchanged)."""
-    if multiple <= 1 or profile.llm.vocab_size % multiple == 0:
-        return profile
-    vocab = -(-profile.llm.vocab_size // multiple) * multiple
-    return dataclasses.replace(profile, llm=dataclasses.replace(profile.llm, vocab_size=vocab))
+    """The profile with its vocabulary rounded up to `multiple` rows (zeroplan.profiles.pad_vocab)."""
+    return pad_vocab(profile, multiple)
 
 
 def varlen_kwargs(position_ids) -> dict:

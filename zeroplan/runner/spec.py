@@ -94,7 +94,7 @@ class RunSpec:
         """The TrainShape the estimator sees for this run."""
         return TrainShape(micro_batch=self.micro_batch, seq_len=self.seq_len, tiles=self.tiles,
                           grad_ckpt=self.grad_ckpt, frozen=frozenset(self.frozen), lora_rank=self.lora_rank,
-                          packed=self.packed, kernels=self.kernels)
+                          packed=self.packed, kernels=self.kernels, compiled=self.compile)
 
     def plan(self) -> Plan:
         """The Plan of this run: one node of `world_size` GPUs, zeroplan's default buckets."""
