@@ -4,7 +4,7 @@ beside the measured step times. Pure zeroplan core, no GPU needed:
 
     .venv/bin/python benchmarks/accuracy_report.py            # writes reports/accuracy/
 
-The calibration came from reports/h100_check, h100_matrix_long and h100_stages_4b (see the [calibrated]
+The calibration came from the sweeps in CALIBRATION_SWEEPS (see the [calibrated]
 table of profiles/gpus/h100-80gb.toml); the other sweeps are out of sample for it.
 """
 
@@ -25,7 +25,8 @@ from zeroplan.profiles import load_gpu
 from zeroplan.records import drawn_tiles, record_profile
 from zeroplan.steptime import step_time
 
-CALIBRATION_SWEEPS = ("h100_check", "h100_matrix_long", "h100_stages_4b")
+CALIBRATION_SWEEPS = ("h100_check", "h100_matrix_long", "h100_stages_4b", "h100_stages", "h100_matrix_short",
+                      "h100_fast_2b", "h100_fast_stages")
 GIB = 2**30
 
 
@@ -44,8 +45,8 @@ def rows_for(sweep: Path, calibrated, plain) -> list[dict]:
         steps, accumulation = point.step_tiles, point.gradient_accumulation
         with_cal = estimate(profile, point.shape, point.plan, calibrated, steps, accumulation, point.compiled)
         without = estimate(profile, point.shape, point.plan, plain, steps, accumulation, point.compiled)
-        time_cal = step_time(profile, point.spec_shape, point.plan, calibrated, 1)
-        time_plain = step_time(profile, point.spec_shape, point.plan, plain, 1)
+        time_cal = step_time(profile, point.spec_shape, point.plan, calibrated, accumulation)
+        time_plain = step_time(profile, point.spec_shape, point.plan, plain, accumulation)
         baseline = ((record.get("deepspeed_estimator_bytes") or {}).get("for_stage") or {}).get("gpu_bytes")
         spec = record["spec"]
         row = {
@@ -146,7 +147,8 @@ def render(rows: list[dict], device: str, when: str) -> str:
         "(zeroplan.step_events); nothing in either is fitted to these runs",
         "- calibrated = the [calibrated] constants of profiles/gpus/h100-80gb.toml, measured by `zeroplan calibrate` "
         f"on {', '.join(CALIBRATION_SWEEPS)} (the CUDA context, so it moves the NVML-level peak; reserved memory "
-        "differs only through the usable capacity); uncalibrated = the same profile without them",
+        "differs only through the usable capacity; and the step-time constants, zeroplan.stepfit); uncalibrated = "
+        "the same profile without them (step time then takes zeroplan.steptime's defaults)",
         "- tiles: the runs before commit 7f0861d drew 4-10 tiles per sample around the spec's 7 (`~`); each run is "
         "predicted for its largest micro-batch, from the recorded `step_tiles` or, for older records, the runner's "
         "draw replayed and checked against the recorded `tiles_per_sample` (zeroplan.records); the replayed allocator "
