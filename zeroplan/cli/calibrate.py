@@ -1,4 +1,4 @@
-"""Measure device constants (CUDA context, allocator fragmentation, speed) from your own runs."""
+"""Measure device constants (CUDA context, step-time constants) from your own runs; check the allocator replay."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ def command(
     out: Annotated[Optional[Path], typer.Option("--out", help="Write the profile with a [calibrated] table here.")] = None,
     json_out: o.Json = False,
 ):
-    """Measure device constants (CUDA context, allocator fragmentation, speed) from your own runs."""
+    """Measure device constants (CUDA context, step-time constants) from your own runs; check the allocator replay."""
     from datetime import datetime, timezone
 
     from zeroplan.atomic import write_atomic
