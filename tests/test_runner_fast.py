@@ -90,10 +90,33 @@ def test_new_fields_at_their_defaults_keep_old_point_ids():
 
 
 @pytest.mark.slow
-def test_packed_varlen_accumulating_run_trains_under_deepspeed(tmp_path):
+def test_compiled_layers_compute_what_the_eager_ones_do():
+    torch = pytest.importorskip("torch")
+    from zeroplan.adapters.hf_model import build_model, image_token_id
+    from zeroplan.runner import fast
+    from zeroplan.runner.data import batches
+
+    profile = load_model("tiny")
+    spec = RunSpec(model="tiny", seq_len=64, tiles=2, grad_ckpt=False, compile=True)
+    model = build_model(profile, "cpu", torch.float32, "sdpa").train()
+    inputs = {**next(batches(profile, image_token_id(profile), spec, 0, 1)).inputs, "use_cache": False}
+    eager = model(**inputs).loss
+    eager.backward()
+    eager_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    assert fast.compile_layers(model) == profile.llm.num_layers + profile.vision.num_layers
+    compiled = model(**inputs).loss
+    compiled.backward()
+    assert torch.allclose(compiled, eager, rtol=1e-5)
+    for name, grad in eager_grads.items():
+        assert torch.allclose(dict(model.named_parameters())[name].grad, grad, rtol=1e-3, atol=1e-6), name
+
+
+@pytest.mark.slow
+def test_packed_varlen_accumulating_compiled_run_trains_under_deepspeed(tmp_path):
     spec = RunSpec(model="tiny", stage=1, micro_batch=2, seq_len=64, tiles=2, steps=4, warmup_steps=1,
                    world_size=2, lr=5e-3, packed=True, attn_implementation="varlen",
-                   gradient_accumulation=2, vocab_multiple=64)
+                   gradient_accumulation=2, vocab_multiple=64, compile=True)
     result = run_spec(spec, tmp_path, timeout_s=240, env=CPU_ENV)
     assert result["status"] == "ok", result.get("reason")
     assert result["ds_config"]["gradient_accumulation_steps"] == 2
@@ -103,7 +126,8 @@ def test_packed_varlen_accumulating_run_trains_under_deepspeed(tmp_path):
     measured = result["step_times_s"][spec.warmup_steps:]
     tokens_per_step = result["tokens_per_s"] * sum(measured) / len(measured)
     assert tokens_per_step == pytest.approx(2 * 2 * 2 * 64)  # ranks × micro-batches × rows × tokens
-    assert result["speed_options"] == {}
+    profile = load_model("tiny")
+    assert result["speed_options"] == {"compiled_layers": profile.llm.num_layers + profile.vision.num_layers}
 
 
 @pytest.mark.gpu
