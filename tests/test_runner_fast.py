@@ -166,3 +166,19 @@ def test_packed_rows_share_the_row_tiles_among_their_samples():
         batch = next(stream)
         assert batch.tiles == 3 * 5  # exactly `tiles` per packed row, however many samples it holds
         assert batch.samples > 3
+
+
+def test_bench_flags_reach_the_points_and_bad_ones_exit_2(capsys, tmp_path):
+    from zeroplan.cli.main import main
+
+    results = tmp_path / "r.jsonl"
+    argv = ["bench", "--model", "2b", "--stages", "1", "--seq-len", "8192", "--tiles", "8", "--grad-ckpt", "off",
+            "--packed", "--attn", "varlen", "--compile", "--grad-accum", "16", "--vocab-multiple", "128",
+            "--kernels", "liger-loss", "--results", str(results), "--dry-run"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "packed-varlen" in out and "liger-loss" in out and "gas16" in out and "vocab/128" in out
+    assert not results.exists()
+    for bad in (["--kernels", "fused"], ["--attn", "varlen"], ["--grad-accum", "0"]):
+        assert main(["bench", "--model", "2b", "--results", str(results), "--dry-run", *bad]) == 2
+        assert len(capsys.readouterr().err.strip().splitlines()) == 1

@@ -24,7 +24,10 @@ from zeroplan import sweep as sweeps
 from zeroplan.errors import InvalidInput
 
 GRID_FLAGS = ("model", "stages", "micro_batch", "grad_ckpt", "offload", "seq_len", "tiles", "frozen", "lora_rank",
-              "gpus", "steps", "warmup_steps", "gpu", "attn_implementation")
+              "gpus", "steps", "warmup_steps", "gpu", "attn_implementation", "packed", "kernels", "compile",
+              "grad_accum", "vocab_multiple")
+FLAG_NAMES = {"attn_implementation": "--attn"}
+PARAMETERS = {"compile": "compile_layers"}  # the function's parameter behind a flag, where the names differ
 STATUS_STYLES = {"ok": "green", "oom": "yellow", "timeout": "magenta", "error": "red"}
 
 
@@ -48,13 +51,19 @@ def command(
     steps: int = typer.Option(8, "--steps", help="Training steps per point."),
     warmup_steps: int = typer.Option(3, "--warmup-steps", help="Steps left out of the timings."),
     gpu: Optional[str] = typer.Option(None, "--gpu", help="GPU profile for MFU and predictions (default: detected)."),
-    attn_implementation: str = typer.Option("sdpa", "--attn", help="sdpa, eager or flash_attention_2."),
+    attn_implementation: str = typer.Option("sdpa", "--attn", help="sdpa, eager, flash_attention_2 or varlen (packed rows)."),
+    packed: bool = typer.Option(False, "--packed", help="Pack several samples per row (no attention across them)."),
+    kernels: str = typer.Option("eager", "--kernels", help="eager, liger (Liger-Kernel's fused kernels) or liger-loss (its fused loss only)."),
+    compile_layers: bool = typer.Option(False, "--compile", help="torch.compile each decoder and vision layer."),
+    grad_accum: int = typer.Option(1, "--grad-accum", help="Micro-batches per optimizer step."),
+    vocab_multiple: int = typer.Option(1, "--vocab-multiple", help="Pad the vocabulary to a multiple of this (128 aligns the LM head)."),
 ) -> int:
     """Run (or list, with --dry-run) the points of a sweep not yet in the results file."""
     flags = dict(model=model, stages=stages, micro_batch=micro_batch, grad_ckpt=grad_ckpt, offload=offload,
                  seq_len=seq_len, tiles=tiles, frozen=frozen, lora_rank=lora_rank, gpus=gpus, steps=steps,
-                 warmup_steps=warmup_steps, gpu=gpu, attn_implementation=attn_implementation)
-    given = [name for name in GRID_FLAGS if _given(ctx, name)]
+                 warmup_steps=warmup_steps, gpu=gpu, attn_implementation=attn_implementation, packed=packed,
+                 kernels=kernels, compile=compile_layers, grad_accum=grad_accum, vocab_multiple=vocab_multiple)
+    given = [name for name in GRID_FLAGS if _given(ctx, PARAMETERS.get(name, name))]
     if sweep is not None and given:
         raise InvalidInput(f"give either --sweep or grid flags, not both (got --{given[0].replace('_', '-')})")
     the_sweep = _sweep_from(sweep, flags, launcher, timeout_s)
@@ -105,7 +114,8 @@ def _grid_from_flags(flags: dict) -> sweeps.Grid:
         frozen=frozen,
         lora_ranks=sweeps.parse_list(flags["lora_rank"], int, "--lora-rank"),
         steps=flags["steps"], warmup_steps=flags["warmup_steps"], world_size=flags["gpus"], gpu=flags["gpu"],
-        attn_implementation=flags["attn_implementation"])
+        attn_implementation=flags["attn_implementation"], packed=flags["packed"], kernels=flags["kernels"],
+        compile=flags["compile"], gradient_accumulation=flags["grad_accum"], vocab_multiple=flags["vocab_multiple"])
 
 
 def _canonical_command(sweep_path: Path | None, results: Path, the_sweep: sweeps.Sweep, flags: dict) -> str:
@@ -115,9 +125,12 @@ def _canonical_command(sweep_path: Path | None, results: Path, the_sweep: sweeps
         words += ["--sweep", str(sweep_path)]
     else:
         for name in GRID_FLAGS:
-            if flags[name] is not None:
-                option = "--attn" if name == "attn_implementation" else "--" + name.replace("_", "-")
-                words += [option, str(flags[name])]
+            value = flags[name]
+            option = FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
+            if isinstance(value, bool):
+                words += [option] if value else []
+            elif value is not None:
+                words += [option, str(value)]
     words += ["--results", str(results), "--launcher", the_sweep.launcher, "--timeout-s", f"{the_sweep.timeout_s:g}"]
     return shlex.join(words)
 
