@@ -180,7 +180,10 @@ NOTES = """## What the runs say
   help either (ZeRO-3 gathers at every micro-step). zeroplan plans ZeRO-3 without compilation. Why
   varlen packing and Liger slow ZeRO-3 down was not investigated.
 - Step times are medians of 3 to 4 measured steps after warm-up; ZeRO-3's vary by up to 30 % from
-  step to step, more than any term of the model.
+  step to step, more than any term of the model, and were often still falling after the 2 warm-up
+  steps (DeepSpeed's ZeRO-3 records the modules' order in its first steps and prefetches by it
+  afterwards): its figures are not yet steady-state. Rerunning the ZeRO-3 points with 4 warm-up and
+  10 measured steps is the next measurement to make.
 """
 
 

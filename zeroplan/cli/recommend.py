@@ -57,8 +57,10 @@ def _recipe(given, profile, best, gpu) -> list[str]:
     from zeroplan.steptime import ALIGNED_VOCAB_MULTIPLE, step_time
 
     shape = best.shape
-    lines = [f"gradient accumulation {best.gradient_accumulation} (one optimizer step per "
-             f"{best.gradient_accumulation} micro-batches: DeepSpeed's per-step work is spread over them)"]
+    lines = []
+    if best.gradient_accumulation > 1:
+        lines.append(f"gradient accumulation {best.gradient_accumulation} (one optimizer step per "
+                     f"{best.gradient_accumulation} micro-batches: DeepSpeed's per-step work is spread over them)")
     if shape.compiled:
         lines.append("torch.compile each LLM decoder layer and vision encoder layer (regional compilation)")
     if shape.kernels == "liger-loss":
