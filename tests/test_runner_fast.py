@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from zeroplan.errors import InvalidInput
-from zeroplan.profiles import load_model
+from zeroplan.profiles import load_model, pad_vocab
 from zeroplan.runner.launch import run_spec
 from zeroplan.runner.spec import RunSpec
 
@@ -63,14 +63,13 @@ def test_varlen_attention_matches_each_sample_alone():
 
 
 def test_padded_vocabulary_rounds_up_and_flops_keep_the_real_one():
-    from zeroplan.runner.fast import padded_profile
     from zeroplan.runner.model import flops_profile
 
     profile = load_model("2b")
     assert profile.llm.vocab_size == 92553
-    padded = padded_profile(profile, 128)
+    padded = pad_vocab(profile, 128)
     assert padded.llm.vocab_size == 92672 and padded.llm.vocab_size % 128 == 0
-    assert padded_profile(profile, 1) is profile and padded_profile(padded, 128) is padded
+    assert pad_vocab(profile, 1) is profile and pad_vocab(padded, 128) is padded
     spec = RunSpec(model="2b", vocab_multiple=128)
     assert flops_profile(spec, padded).llm.vocab_size == 92553
 
@@ -140,7 +139,7 @@ def test_liger_kernels_train_the_native_model():
     from zeroplan.runner import fast
     from zeroplan.runner.data import batches
 
-    profile = fast.padded_profile(load_model("tiny"), 64)
+    profile = pad_vocab(load_model("tiny"), 64)
     spec = RunSpec(model="tiny", seq_len=64, tiles=2, grad_ckpt=False, kernels="liger")
     model = build_model(profile, "cuda", torch.bfloat16, "sdpa").train()
     batch = next(batches(profile, image_token_id(profile), spec, 0, 1))

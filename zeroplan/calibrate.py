@@ -76,7 +76,7 @@ def fit_memory(points: list[RunPoint], gpu: GPUProfile) -> dict[str, float | int
     """The CUDA context (median over the runs), and the allocator replay's error on the runs'
     reserved peaks as a check (see the module docstring)."""
     from zeroplan.memory import estimate
-    from zeroplan.runner.fast import padded_profile
+    from zeroplan.profiles import pad_vocab
 
     if not points:
         raise InvalidInput("no finished GPU run in the results: nothing to calibrate from")
@@ -86,7 +86,7 @@ def fit_memory(points: list[RunPoint], gpu: GPUProfile) -> dict[str, float | int
         out["cuda_context_bytes"] = int(statistics.median(contexts))
     errors = []
     for point in points:
-        profile = padded_profile(load_model(point.model), point.vocab_multiple)
+        profile = pad_vocab(load_model(point.model), point.vocab_multiple)
         predicted = estimate(profile, point.shape, point.plan, gpu, point.step_tiles,
                              point.gradient_accumulation, point.compiled).peak_reserved
         errors.append(abs(predicted - point.peak_reserved_bytes) / point.peak_reserved_bytes)

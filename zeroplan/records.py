@@ -112,10 +112,10 @@ def _shape(spec: dict, tiles: int) -> TrainShape:
 
 def record_profile(record: dict) -> ModelProfile:
     """The model profile a result line trained: its vocabulary padded as the runner did
-    (`vocab_multiple`, zeroplan.runner.fast.padded_profile)."""
-    from zeroplan.runner.fast import padded_profile
+    (`vocab_multiple`, zeroplan.profiles.pad_vocab)."""
+    from zeroplan.profiles import pad_vocab
 
-    return padded_profile(load_model(record["model"]), int(record["spec"].get("vocab_multiple", 1)))
+    return pad_vocab(load_model(record["model"]), int(record["spec"].get("vocab_multiple", 1)))
 
 
 

@@ -8,24 +8,15 @@
   (`apply_liger_kernel_to_internvl`), CUDA only.
 - torch.compile of each LLM decoder layer and vision encoder layer (regional compilation: one
   graph per layer class, reused by every layer).
-- a vocabulary padded to a multiple (Megatron's make-vocab-size-divisible-by): InternVL2.5-2B's
-  92,553 and Qwen2.5's 151,674 rows give the logits a leading dimension that is not a multiple of
-  8, and cuBLAS then falls back to slow kernels for the three largest matrix products of a step.
+- (the vocabulary padding the runner's `vocab_multiple` asks for is zeroplan.profiles.pad_vocab:
+  the model is built from the padded profile.)
 """
 
 from __future__ import annotations
 
 import inspect
 
-from zeroplan.profiles import ModelProfile, pad_vocab
-
 VARLEN = "zeroplan_varlen"
-VARLEN_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
-
-
-def padded_profile(profile: ModelProfile, multiple: int) -> ModelProfile:
-    """The profile with its vocabulary rounded up to `multiple` rows (zeroplan.profiles.pad_vocab)."""
-    return pad_vocab(profile, multiple)
 
 
 def varlen_kwargs(position_ids) -> dict:

@@ -56,9 +56,9 @@ def resolve(spec) -> tuple[ModelProfile, int]:
         config = transformers.AutoConfig.from_pretrained(spec.model, local_files_only=True)
         return profile_from_hf_config(config, spec.model), int(config.image_token_id)
     from zeroplan.adapters.hf_model import image_token_id
-    from zeroplan.runner.fast import padded_profile
+    from zeroplan.profiles import pad_vocab
 
-    profile = padded_profile(load_model(spec.model), spec.vocab_multiple)
+    profile = pad_vocab(load_model(spec.model), spec.vocab_multiple)
     return profile, image_token_id(profile)
 
 
