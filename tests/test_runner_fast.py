@@ -113,9 +113,11 @@ def test_compiled_layers_compute_what_the_eager_ones_do():
 
 @pytest.mark.slow
 def test_packed_varlen_accumulating_compiled_run_trains_under_deepspeed(tmp_path):
+    """Also with only the first decoder layer checkpointed and the optimizer in several groups."""
     spec = RunSpec(model="tiny", stage=1, micro_batch=2, seq_len=64, tiles=2, steps=4, warmup_steps=1,
                    world_size=2, lr=5e-3, packed=True, attn_implementation="varlen",
-                   gradient_accumulation=2, vocab_multiple=64, compile=True)
+                   gradient_accumulation=2, vocab_multiple=64, compile=True, ckpt_layers=1,
+                   optimizer_group_elems=30_000)
     result = run_spec(spec, tmp_path, timeout_s=240, env=CPU_ENV)
     assert result["status"] == "ok", result.get("reason")
     assert result["ds_config"]["gradient_accumulation_steps"] == 2

@@ -33,7 +33,14 @@ class ActivationBytes:
     logits_backward_transient: int
     recompute_transient: int
     vision_forward_transient: int
-    llm_layer_saved: int = 0
+    llm_full_layer_saved: int = 0       # what a decoder layer that is not checkpointed keeps
+    llm_checkpointed_layer_saved: int = 0  # what a checkpointed one keeps (its input)
+    llm_uncheckpointed_layers: int = 0  # the last ones: checkpointing takes the first layers
+
+    def last_layers_saved(self, layers: int) -> int:
+        """What the last `layers` decoder layers keep: the first ones backward releases."""
+        full = min(layers, self.llm_uncheckpointed_layers)
+        return full * self.llm_full_layer_saved + (layers - full) * self.llm_checkpointed_layer_saved
 
     @property
     def saved(self) -> int:
@@ -190,15 +197,18 @@ def activation_bytes(profile: ModelProfile, shape: TrainShape, compiled: bool = 
     per_vision_layer = vision_layer_bytes_per_token(vision) * patch_tokens
     per_llm_layer = llm_layer_bytes_per_token(llm, shape.lora_rank, shape.kernels, shape.packed, compiled) * tokens
     if shape.grad_ckpt:
+        recomputed = shape.llm_ckpt_layers(llm.num_layers)  # the first ones; the rest keep everything
         vision_saved = vision.num_layers * BF16 * vision.hidden_size * patch_tokens if vision_grad_flows else 0
-        llm_saved = llm.num_layers * BF16 * llm.hidden_size * tokens
-        recompute = max(per_llm_layer, per_vision_layer if vision_grad_flows else 0)
+        llm_saved = recomputed * BF16 * llm.hidden_size * tokens + (llm.num_layers - recomputed) * per_llm_layer
+        recompute = max(per_llm_layer if recomputed else 0, per_vision_layer if vision_grad_flows else 0)
     else:
+        recomputed = 0
         vision_saved = vision.num_layers * per_vision_layer if vision_grad_flows else 0
         llm_saved = llm.num_layers * per_llm_layer
         recompute = 0
+    layer_input = BF16 * llm.hidden_size * tokens
     if not llm_grad_flows:
-        llm_saved, recompute = 0, 0
+        llm_saved, recompute, per_llm_layer, layer_input = 0, 0, 0, 0
     final_norm = final_norm_bytes_per_token(llm.hidden_size, shape.kernels) * tokens
     head_grad = shape.trains("llm") and not llm.tie_word_embeddings
     logits_forward, logits_backward = loss_bytes(llm, tokens, shape.kernels, head_grad)
@@ -210,5 +220,6 @@ def activation_bytes(profile: ModelProfile, shape: TrainShape, compiled: bool = 
         logits_backward_transient=logits_backward,
         recompute_transient=recompute,
         vision_forward_transient=0 if vision_grad_flows else per_vision_layer,
-        llm_layer_saved=llm_saved // llm.num_layers,
+        llm_full_layer_saved=per_llm_layer, llm_checkpointed_layer_saved=layer_input,
+        llm_uncheckpointed_layers=llm.num_layers - recomputed,
     )

@@ -317,4 +317,8 @@ def speed_labels(spec: RunSpec) -> list[str]:
         labels.append("compiled")
     if spec.gradient_accumulation > 1:
         labels.append(f"gas{spec.gradient_accumulation}")
+    if spec.grad_ckpt and spec.ckpt_layers is not None:
+        labels.append(f"ckpt{spec.ckpt_layers}")
+    if spec.optimizer_group_elems:
+        labels.append(f"groups<={spec.optimizer_group_elems / 1e6:g}M")
     return labels

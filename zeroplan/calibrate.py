@@ -63,7 +63,8 @@ def points_from_records(records: list[dict]) -> list[RunPoint]:
         shape = record_shape(record)
         plan = tuned_plan(profile, shape, Plan(stage=spec["stage"], gpus_per_node=spec.get("world_size", 1),
                                                offload_optimizer=spec.get("offload_optimizer", "none"),
-                                               offload_params=spec.get("offload_params", "none")))
+                                               offload_params=spec.get("offload_params", "none"),
+                                               optimizer_group_elems=spec.get("optimizer_group_elems", 0)))
         points.append(RunPoint(shape, plan, record["model"], float(record["step_time_s"]),
                                int(record["measured_peak_allocated_bytes"]),
                                int(record["measured_peak_reserved_bytes"]), record.get("nvml_peak_used_bytes"),

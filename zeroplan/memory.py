@@ -201,7 +201,7 @@ def _phases(plan: Plan, states: ModelStateBytes, acts: ActivationBytes, buffers:
     bucket is full, by when `layers_done` LLM layers have released their saved activations.
     backward-recompute: the first checkpointed layer recomputed on top of what is saved.
     optimizer-step: activations freed; gradients, the fp32 copy Adam reads and (ZeRO-1/2) the bf16
-    flat copy of the slice (get_flat_partition) it is made from."""
+    flat copy of the slice (get_flat_partition) it is made from, one optimizer group at a time."""
     resident = states.params + states.master_weights + states.optimizer_states
     if plan.stage == 3:
         resident += states.grads + buffers
@@ -225,9 +225,9 @@ def _phases(plan: Plan, states: ModelStateBytes, acts: ActivationBytes, buffers:
     if plan.stage == 0:
         phases["optimizer-step"] = resident + states.grads + step
     elif plan.stage in (1, 2):
-        flat_copy = BF16 * states.partition_elems if plan.offload_optimizer == "none" else 0
+        flat_copy = step * BF16 // FP32  # the bf16 flat copy of the group whose fp32 copy `step` is
         phases["backward-buckets"] = resident + acts.saved + buffers + lm_head_grad
-        phases["backward-first-reduce"] = (resident + acts.saved - layers_done * acts.llm_layer_saved + buffers
+        phases["backward-first-reduce"] = (resident + acts.saved - acts.last_layers_saved(layers_done) + buffers
                                            + states.grads)
         phases["optimizer-step"] = resident + states.grads + step + flat_copy
     else:
@@ -272,11 +272,11 @@ def estimate(profile: ModelProfile, shape: TrainShape, plan: Plan, gpu: GPUProfi
     `gradient_accumulation` > 1 adds what DeepSpeed holds between micro-steps
     (accumulated_gradient_bytes); `compiled`: the decoder layers run under torch.compile
     (zeroplan.activations.llm_layer_bytes_per_token)."""
-    states = _most_loaded_rank_states(profile, replace(shape, micro_batch=1, grad_ckpt=False), plan)
+    states = _most_loaded_rank_states(profile, replace(shape, micro_batch=1, grad_ckpt=False, ckpt_layers=None), plan)
     compiled = compiled or bool(getattr(shape, "compiled", False))
     acts = activation_bytes(profile, shape, compiled)
     buffers = communication_buffer_bytes(profile, plan, states.partition_elems * plan.world_size)
-    step = step_transient_bytes(profile, replace(shape, micro_batch=1, grad_ckpt=False), plan)
+    step = step_transient_bytes(profile, replace(shape, micro_batch=1, grad_ckpt=False, ckpt_layers=None), plan)
     phases = _phases(plan, states, acts, buffers, step, _full_grad_of_lm_head(profile, shape, plan),
                      layers_done_at_first_reduce(profile, shape, plan),
                      accumulated_gradient_bytes(profile, shape, plan, states, buffers, gradient_accumulation))

@@ -252,17 +252,46 @@ def offload_cpu_bytes(profile: ModelProfile, shape: TrainShape, plan: Plan, rank
     return total
 
 
+def optimizer_groups(numels: tuple[int, ...], group_elems: int) -> tuple[tuple[int, ...], ...]:
+    """The optimizer's parameter groups as zeroplan's runner builds them (and a training script
+    following the plan should): consecutive tensors, a new group started when the next tensor
+    would take the group past `group_elems` (a tensor larger than that is a group of its own);
+    0 means one group."""
+    if not group_elems:
+        return (tuple(numels),) if numels else ()
+    groups, current, filled = [], [], 0
+    for numel in numels:
+        if current and filled + numel > group_elems:
+            groups.append(tuple(current))
+            current, filled = [], 0
+        current.append(numel)
+        filled += numel
+    if current:
+        groups.append(tuple(current))
+    return tuple(groups)
+
+
+def stage12_group_slices(profile: ModelProfile, shape: TrainShape, plan: Plan, rank: int = 0) -> tuple[int, ...]:
+    """ZeRO-1/2: this rank's slice of each optimizer group (each group is flattened, padded and
+    partitioned on its own, stage_1_and_2.py `bit16_groups_flat`), in elements."""
+    groups = optimizer_groups(trainable_numels(profile, shape), plan.optimizer_group_elems)
+    return tuple(flat_partition(group, plan.world_size, rank).partition_elems for group in groups)
+
+
 def optimizer_step_grad_bytes(profile: ModelProfile, shape: TrainShape, plan: Plan, rank: int = 0) -> int:
     """fp32 gradient bytes that exist on the GPU only while the optimizer steps, on top of
     `grad_bytes`: stage 0 converts every bf16 grad to an fp32 `.grad` of its master copy
     (FP16_UnfusedOptimizer.step); stages 1/2 convert the rank's slice
-    (stage_1_and_2.py `step`: `flat_grad_partition.to(fp32)`); stage 3 converts one sub-group at a
+    (stage_1_and_2.py `step`: `flat_grad_partition.to(fp32)`) one optimizer group at a time;
+    stage 3 converts one sub-group at a
     time (stage3.py `_prepare_fp32_grad_for_sub_group`, freed in `_release_sub_group`), so the
     largest sub-group counts. 0 with optimizer offload (the fp32 grads live on the host)."""
     if plan.offload_optimizer != "none":
         return 0
-    if plan.stage in (0, 1, 2):
+    if plan.stage == 0:
         return FP32_BYTES * partition(profile, shape, plan, rank)[0]
+    if plan.stage in (1, 2):
+        return FP32_BYTES * max(stage12_group_slices(profile, shape, plan, rank), default=0)
     return FP32_BYTES * max(stage3_sub_group_elems(profile, shape, plan), default=0)
 
 

@@ -34,7 +34,10 @@ class TrainShape:
     fused RMSNorm/LayerNorm, SwiGLU, RoPE and fused linear cross-entropy (logits are never
     materialised whole); "liger-loss" is only the fused linear cross-entropy (the layers stay
     transformers' own, e.g. for torch.compile to fuse). `compiled`: each decoder and vision layer
-    runs under torch.compile (regional compilation).
+    runs under torch.compile (regional compilation). `ckpt_layers`: with `grad_ckpt`, how many of
+    the LLM's decoder layers are checkpointed, the first ones (None: all); the vision tower's
+    layers are checkpointed whenever `grad_ckpt` is on (they free the most memory per recomputed
+    FLOP). Checkpointing only some layers buys the memory that is short and no more.
     """
 
     micro_batch: int = 1
@@ -46,6 +49,7 @@ class TrainShape:
     packed: bool = False
     kernels: str = "eager"
     compiled: bool = False
+    ckpt_layers: int | None = None
 
     def __post_init__(self):
         _check_int("micro-batch", self.micro_batch, 1, 4096)
@@ -58,6 +62,16 @@ class TrainShape:
         object.__setattr__(self, "frozen", frozenset(self.frozen))
         if self.kernels not in KERNELS:
             raise InvalidInput(f"kernels must be one of {', '.join(KERNELS)}, got {self.kernels!r}")
+        if self.ckpt_layers is not None:
+            _check_int("checkpointed layers", self.ckpt_layers, 0, 1 << 16)
+            if not self.grad_ckpt:
+                raise InvalidInput("checkpointed layers need checkpointing on")
+
+    def llm_ckpt_layers(self, num_layers: int) -> int:
+        """How many of the LLM's `num_layers` decoder layers recompute in backward (the first ones)."""
+        if not self.grad_ckpt:
+            return 0
+        return num_layers if self.ckpt_layers is None else min(self.ckpt_layers, num_layers)
 
     def trains(self, tower: str) -> bool:
         """Whether the tower's own (non-LoRA) weights get gradients."""
@@ -68,7 +82,13 @@ class TrainShape:
 
 @dataclass(frozen=True)
 class Plan:
-    """How DeepSpeed shards and places the model states, and the cluster it runs on."""
+    """How DeepSpeed shards and places the model states, and the cluster it runs on.
+
+    `optimizer_group_elems` (ZeRO-1/2 only; 0: one group): the training script hands the optimizer
+    its parameters in consecutive groups of at most this many elements. DeepSpeed's ZeRO-1/2 step
+    flattens each group's gradient slice to bf16 and converts it to fp32 one group at a time, so
+    the step's temporaries are one group's, not the whole slice's (6 bytes per element).
+    """
 
     stage: int = 3
     gpus_per_node: int = 8
@@ -83,6 +103,7 @@ class Plan:
     max_live_params: int = 1_000_000_000
     param_persistence_threshold: int = 100_000
     sub_group_elems: int = 1_000_000_000
+    optimizer_group_elems: int = 0
 
     def __post_init__(self):
         _check_int("ZeRO stage", self.stage, 0, 3)
@@ -98,8 +119,11 @@ class Plan:
         if self.offload_params != "none" and self.stage != 3:
             raise InvalidInput("parameter offload needs ZeRO stage 3")
         for name in ("reduce_bucket_elems", "allgather_bucket_elems", "prefetch_bucket_elems",
-                     "max_live_params", "param_persistence_threshold", "sub_group_elems"):
+                     "max_live_params", "param_persistence_threshold", "sub_group_elems",
+                     "optimizer_group_elems"):
             _check_int(name.replace("_", " "), getattr(self, name), 0, 1 << 40)
+        if self.optimizer_group_elems and self.stage not in (1, 2):
+            raise InvalidInput("optimizer groups only change ZeRO-1/2's step: use them with stage 1 or 2")
 
     @property
     def world_size(self) -> int:

@@ -1,7 +1,7 @@
 """Enumerate plans, keep those that fit, rank them by predicted step time.
 
 Candidates: ZeRO stage 0-3 × micro-batch (powers of two dividing the per-GPU batch) × gradient
-checkpointing × optimizer offload × (stage 3) parameter offload × the loss (transformers' own, or
+checkpointing (off, the first quarter, half or three quarters of the decoder layers, all) × optimizer offload × (stage 3) parameter offload × the loss (transformers' own, or
 Liger's fused linear cross-entropy, which never holds the [tokens, vocab] logits: slower per step on
 the H100 but 8-10 GB smaller for 2B-4B at 8192 tokens). With `speed` on, layers run under
 torch.compile under stages 0-2 (measured 40.8 % MFU for 2B ZeRO-1 against 20.9 % plain:
@@ -25,6 +25,7 @@ TIE_FRACTION = 0.01
 STAGE_PREFERENCE = {1: 0, 2: 1, 0: 2, 3: 3}
 MICRO_BATCHES = (1, 2, 4, 8, 16, 32, 64)
 RUNNERS_UP = 12
+OPTIMIZER_GROUP_ELEMS = 500_000_000  # ZeRO-1/2 step temporaries of at most 3 GB (6 bytes per element)
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,7 @@ class Candidate:
         return {
             "stage": self.plan.stage, "micro_batch": self.shape.micro_batch,
             "gradient_accumulation": self.gradient_accumulation, "grad_ckpt": self.shape.grad_ckpt,
+            "ckpt_layers": self.shape.ckpt_layers, "optimizer_group_elems": self.plan.optimizer_group_elems,
             "offload_optimizer": self.plan.offload_optimizer, "offload_params": self.plan.offload_params,
             "predicted_peak_bytes": self.memory.peak, "predicted_tokens_per_s": round(self.time.tokens_per_s, 1),
             "predicted_step_s": round(self.time.step_s, 4), "predicted_mfu": round(self.time.mfu, 4),
@@ -91,22 +93,42 @@ def candidate_plans(profile: ModelProfile, base: Plan, shape: TrainShape, per_gp
             for micro in MICRO_BATCHES:
                 if micro > per_gpu or per_gpu % micro:
                     continue
-                for ckpt in (False, True):
+                for ckpt_layers in checkpoint_choices(profile.llm.num_layers):
                     for kernels in (("eager", "liger-loss") if speed else (shape.kernels,)):
                         compiled = speed and stage != 3
-                        yield plan, _reshape(shape, micro, ckpt, kernels, compiled), per_gpu // micro
+                        yield plan, _reshape(shape, micro, ckpt_layers, kernels, compiled), per_gpu // micro
 
 
-def _reshape(shape: TrainShape, micro_batch: int, grad_ckpt: bool, kernels: str, compiled: bool) -> TrainShape:
-    return replace(shape, micro_batch=micro_batch, grad_ckpt=grad_ckpt, kernels=kernels, compiled=compiled)
+def checkpoint_choices(num_layers: int) -> tuple[int | None, ...]:
+    """Checkpointing off (0), the first quarter, half or three quarters of the decoder layers
+    (the vision tower's with them), or every layer (None)."""
+    partial = sorted({num_layers * quarter // 4 for quarter in (1, 2, 3)} - {0, num_layers})
+    return (0, *partial, None)
+
+
+def _reshape(shape: TrainShape, micro_batch: int, ckpt_layers: int | None, kernels: str,
+             compiled: bool) -> TrainShape:
+    return replace(shape, micro_batch=micro_batch, grad_ckpt=ckpt_layers != 0, ckpt_layers=ckpt_layers or None,
+                   kernels=kernels, compiled=compiled)
 
 
 def evaluate(profile: ModelProfile, shape: TrainShape, plan: Plan, gpu: GPUProfile, accumulation: int,
              budget_bytes: int, time: StepTime | None = None) -> Candidate:
-    """Predict one candidate's memory and speed and whether it fits the budget."""
+    """Predict one candidate's memory and speed and whether it fits the budget. A ZeRO-1/2 plan
+    that does not fit is tried again with the optimizer's parameters in groups
+    (OPTIMIZER_GROUP_ELEMS), which shrinks the step's fp32 gradient copy to one group's: as fast,
+    but the training script has to build the groups, so only where they decide the fit."""
     memory = estimate(profile, shape, plan, gpu, gradient_accumulation=accumulation, compiled=shape.compiled)
     time = time or step_time(profile, shape, plan, gpu, accumulation)
     fits = memory.peak <= budget_bytes
+    if (not fits and plan.stage in (1, 2) and plan.offload_optimizer == "none" and not plan.optimizer_group_elems
+            and memory.peak - budget_bytes < memory.step_transient * 3 // 2):  # what groups can save at most
+        grouped = plan.with_(optimizer_group_elems=OPTIMIZER_GROUP_ELEMS)
+        grouped_memory = estimate(profile, shape, grouped, gpu, gradient_accumulation=accumulation,
+                                  compiled=shape.compiled)
+        if grouped_memory.peak < memory.peak:
+            plan, memory = grouped, grouped_memory
+            fits = memory.peak <= budget_bytes
     reason = "" if fits else (f"does not fit: peak {memory.peak / 2**30:.1f} GiB > "
                               f"{budget_bytes / 2**30:.1f} GiB usable")
     return Candidate(plan, shape, accumulation, memory, time, fits, reason)

@@ -105,7 +105,7 @@ def _shape(spec: dict, tiles: int) -> TrainShape:
     fields = dict(micro_batch=spec["micro_batch"], seq_len=spec["seq_len"], tiles=tiles, grad_ckpt=spec["grad_ckpt"],
                   frozen=frozenset(spec.get("frozen", ())), lora_rank=spec.get("lora_rank", 0),
                   packed=bool(spec.get("packed", False)), kernels=spec.get("kernels", "eager"),
-                  compiled=bool(spec.get("compile", False)))
+                  compiled=bool(spec.get("compile", False)), ckpt_layers=spec.get("ckpt_layers"))
     known = {field.name for field in dataclasses.fields(TrainShape)}
     return TrainShape(**{key: value for key, value in fields.items() if key in known})
 

@@ -305,11 +305,13 @@ def _one_step(trace: Trace, profile: ModelProfile, shape: TrainShape, plan: Plan
     trace.free(embeds, features)
 
     llm_inputs, llm_saved = [], []
-    for _ in range(llm.num_layers):
+    recomputes = shape.llm_ckpt_layers(llm.num_layers)  # the first ones
+    for index in range(llm.num_layers):
         gather = gathered(trace, plan, llm_layer_elems)
         layer_in = hidden
-        hidden, saved = _llm_layer_forward(trace, profile, shape, layer_in, keep=not shape.grad_ckpt,
-                                           free_input=not shape.grad_ckpt, compiled=compiled)
+        checkpointed = index < recomputes
+        hidden, saved = _llm_layer_forward(trace, profile, shape, layer_in, keep=not checkpointed,
+                                           free_input=not checkpointed, compiled=compiled)
         llm_inputs.append(layer_in)
         llm_saved.append(saved)
         trace.free(gather)
@@ -317,7 +319,7 @@ def _one_step(trace: Trace, profile: ModelProfile, shape: TrainShape, plan: Plan
     for index in reversed(range(llm.num_layers)):
         gather = gathered(trace, plan, llm_layer_elems)
         saved = llm_saved[index]
-        if shape.grad_ckpt:
+        if index < recomputes:
             out, saved = _llm_layer_forward(trace, profile, shape, llm_inputs[index], keep=True, free_input=False,
                                             compiled=compiled)
             trace.free(out)

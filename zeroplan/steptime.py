@@ -157,12 +157,20 @@ def _exposed(comm_s: float, compute_s: float, overlap: bool) -> float:
 
 def offload_seconds(profile: ModelProfile, shape: TrainShape, plan: Plan, gpu: GPUProfile,
                     accumulation: int) -> float:
-    """PCIe transfers and host Adam of one step under optimizer / parameter offload."""
+    """PCIe transfers and host Adam of one step under optimizer / parameter offload.
+
+    Per step: the fp32 gradient slice to the host and the updated bf16 slice back (6 bytes per
+    element), and host Adam. With accumulation DeepSpeed 0.19.8 also keeps the gradients summed on
+    the host between micro-steps: ZeRO-1/2 (async_accumulate_grad_in_cpu_via_gpu) copy each
+    gradient to the host after every micro-step but the last and back before every one but the
+    first (2 × 2 bytes per element per extra micro-step); ZeRO-3 sends its fp32 gradient slice
+    to the host after every micro-step (4 bytes per element per extra micro-step)."""
     seconds = 0.0
     partition = _trainable_elems(profile, shape) / plan.world_size
     pcie = gpu.pcie_bandwidth_gbps * 1e9
     if plan.offload_optimizer != "none":
         seconds += (4 + 2) * partition / pcie
+        seconds += (accumulation - 1) * 4 * (_trainable_elems(profile, shape) if plan.stage in (1, 2) else partition) / pcie
         seconds += partition * plan.gpus_per_node / CPU_ADAM_ELEMS_PER_S_PER_NODE
     if plan.offload_params != "none":
         seconds += accumulation * 2 * 2 * count_parameters(profile).total / plan.world_size / pcie
@@ -196,11 +204,19 @@ def trainable_tensor_count(profile: ModelProfile, shape: TrainShape) -> int:
 
 def checkpointed_layers(profile: ModelProfile, shape: TrainShape) -> int:
     """Layers whose forward runs again in backward under checkpointing (transformers checkpoints
-    every decoder and vision layer whose input needs a gradient)."""
+    every vision layer and the first `ckpt_layers` decoder layers whose input needs a gradient)."""
     if not shape.grad_ckpt:
         return 0
     factors = backward_factors(shape)
-    return (profile.llm.num_layers if factors["llm"] else 0) + (profile.vision.num_layers if factors["vision"] == 2 else 0)
+    return ((shape.llm_ckpt_layers(profile.llm.num_layers) if factors["llm"] else 0)
+            + (profile.vision.num_layers if factors["vision"] == 2 else 0))
+
+
+def recomputed_share(profile: ModelProfile, shape: TrainShape) -> float:
+    """The share of the layers that checkpointing recomputes (1.0 with every layer checkpointed)."""
+    factors = backward_factors(shape)
+    layers = (profile.llm.num_layers if factors["llm"] else 0) + (profile.vision.num_layers if factors["vision"] == 2 else 0)
+    return checkpointed_layers(profile, shape) / layers if layers else 0.0
 
 
 def fused_loss_extra_bytes(profile: ModelProfile, shape: TrainShape) -> int:
@@ -238,7 +254,9 @@ def step_terms(profile: ModelProfile, shape: TrainShape, plan: Plan, gpu: GPUPro
     factors = backward_factors(shape)
     recompute = 0
     if shape.grad_ckpt:
-        recompute = (flops.llm_forward if factors["llm"] else 0) + (flops.vision_forward if factors["vision"] == 2 else 0)
+        llm_share = shape.llm_ckpt_layers(profile.llm.num_layers) / profile.llm.num_layers
+        recompute = ((flops.llm_forward * llm_share if factors["llm"] else 0)
+                     + (flops.vision_forward if factors["vision"] == 2 else 0))
     misaligned = lm_head_flops(profile, shape) if profile.llm.vocab_size % ALIGNED_VOCAB_MULTIPLE else 0.0
     acts = activation_bytes(profile, shape)
     # The loss moves the [tokens, vocab] logits through HBM whichever way it runs: Liger's fused
@@ -247,8 +265,7 @@ def step_terms(profile: ModelProfile, shape: TrainShape, plan: Plan, gpu: GPUPro
     logits = activation_bytes(profile, replace(shape, kernels="eager")).logits_backward_transient
     memory_bound = (MEMORY_TRAFFIC_PER_SAVED_BYTE * (acts.saved + logits) + fused_loss_extra_bytes(profile, shape)
                     ) / (gpu.hbm_bandwidth_gbps * 1e9)
-    if shape.grad_ckpt:
-        memory_bound *= 1.5
+    memory_bound *= 1 + 0.5 * recomputed_share(profile, shape)
     layers = profile.vision.num_layers + profile.llm.num_layers
     tensors = trainable_tensor_count(profile, shape)
     every_micro, once, serial = communication_seconds(profile, shape, plan, gpu)
@@ -264,7 +281,7 @@ def step_terms(profile: ModelProfile, shape: TrainShape, plan: Plan, gpu: GPUPro
         compiled_layer_passes=accumulation * layers if shape.compiled else 0.0,
         recomputed_layer_passes=accumulation * checkpointed_layers(profile, shape),
         tensor_visits=tensors * (accumulation + 1 if plan.stage == 2 else 1),
-        module_passes=(accumulation * partitioned_module_count(profile, plan) * (1.5 if shape.grad_ckpt else 1.0)
+        module_passes=(accumulation * partitioned_module_count(profile, plan) * (1 + 0.5 * recomputed_share(profile, shape))
                        if plan.stage == 3 else 0.0),
         fixed_s=accumulation * memory_bound + exposed + offload + optimizer,
         memory_bound_s=accumulation * memory_bound, exposed_comm_s=exposed, offload_s=offload, optimizer_s=optimizer)

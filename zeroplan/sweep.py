@@ -46,6 +46,8 @@ class Grid:
     compile: bool = False
     gradient_accumulation: int = 1
     vocab_multiple: int = 1
+    ckpt_layers: int | None = None
+    optimizer_group_elems: int = 0
 
     def __post_init__(self):
         for axis in ("models", "stages", "micro_batches", "grad_ckpt", "offloads", "seq_lens", "tiles",
@@ -121,7 +123,9 @@ def expand(grid: Grid) -> list[RunSpec]:
                        seed=grid.seed, attn_implementation=grid.attn_implementation, packed=grid.packed,
                        fixed_tiles=grid.fixed_tiles, kernels=grid.kernels, compile=grid.compile,
                        gradient_accumulation=grid.gradient_accumulation,
-                       vocab_multiple=grid.vocab_multiple, world_size=grid.world_size)
+                       vocab_multiple=grid.vocab_multiple, world_size=grid.world_size,
+                       ckpt_layers=grid.ckpt_layers if grad_ckpt else None,
+                       optimizer_group_elems=grid.optimizer_group_elems if stage in (1, 2) else 0)
         if spec.point_id() not in seen:
             seen.add(spec.point_id())
             specs.append(spec)
@@ -132,7 +136,8 @@ GRID_KEYS = {"models": "models", "stages": "stages", "micro_batch": "micro_batch
              "offload": "offloads", "seq_len": "seq_lens", "tiles": "tiles", "frozen": "frozen",
              "lora_rank": "lora_ranks"}
 RUN_KEYS = ("steps", "warmup_steps", "world_size", "gpu", "dataset", "seed", "attn_implementation", "packed",
-            "fixed_tiles", "kernels", "compile", "gradient_accumulation", "vocab_multiple")
+            "fixed_tiles", "kernels", "compile", "gradient_accumulation", "vocab_multiple", "ckpt_layers",
+            "optimizer_group_elems")
 SWEEP_KEYS = ("name", "description", "launcher", "timeout_s", "grid", "run", "variants")
 
 

@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 
 from zeroplan.activations import BF16, FP32
 from zeroplan.allocator import MAIN_STREAM, REDUCTION_STREAM, Trace
-from zeroplan.partition import ModelStateBytes, frozen_numels, stage3_sub_group_elems, trainable_numels
+from zeroplan.partition import (ModelStateBytes, frozen_numels, optimizer_groups, stage3_sub_group_elems, stage12_group_slices,
+                                trainable_numels)
 from zeroplan.plan import Plan, TrainShape
 from zeroplan.profiles import ModelProfile
 
@@ -74,16 +75,21 @@ class ZeroEvents:
         if plan.stage in (1, 2):
             for numel in frozen:
                 trace.malloc("param", BF16 * numel)
-            built = [trace.malloc("param", BF16 * numel) for numel in trainable]
-            trace.malloc("bit16_flat", states.params - BF16 * sum(frozen))
-            trace.free(*built)
+            groups = optimizer_groups(trainable, plan.optimizer_group_elems)
+            built = [[trace.malloc("param", BF16 * numel) for numel in group] for group in groups]
+            flat_total = states.params - BF16 * sum(frozen)
+            for group, blocks in zip(groups, built):  # each group flattened, then its params made views
+                trace.malloc("bit16_flat", flat_total * sum(group) // max(sum(trainable), 1))
+                trace.free(*blocks)
             if offload:
                 trace.malloc("offload_grad_buffer", states.grads)
                 return
-            clone = trace.malloc("partition.clone", BF16 * states.partition_elems)
-            trace.malloc("master", states.master_weights)
-            trace.free(clone)
-            trace.free(trace.malloc("init_grad", states.master_weights))
+            slices = stage12_group_slices(self.profile, self.shape, plan)
+            for elems in slices:
+                clone = trace.malloc("partition.clone", BF16 * elems)
+                trace.malloc("master", states.master_weights * elems // max(sum(slices), 1))
+                trace.free(clone)
+            trace.free(*[trace.malloc("init_grad", FP32 * elems) for elems in slices])
             return
         trace.malloc("bit16_shards", states.params)
         sub_groups = stage3_sub_group_elems(self.profile, self.shape, plan)
@@ -169,8 +175,9 @@ class ZeroEvents:
 
     def step(self) -> None:
         """The optimizer step. Stage 0: an fp32 `.grad` per master, then every gradient freed.
-        Stages 1/2: the buckets released, the bf16 flat copy of the slice and its fp32 conversion,
-        the reduced partition released, Adam's states (first step), the fp32 gradient freed.
+        Stages 1/2: the buckets released; per optimizer group, the bf16 flat copy of its slice and
+        its fp32 conversion, Adam's states (first step), the fp32 gradient freed; the reduced
+        partition released with the last group.
         Stage 3 (_prepare_fp32_grad_for_sub_group): one sub-group at a time,
         `flatten(averaged_gradients).to(fp32)`, a bf16 flat copy and its fp32 conversion, Adam's
         states for it (first step)."""
@@ -192,13 +199,18 @@ class ZeroEvents:
             else:
                 if self.partition is None:
                     self.partition = trace.malloc("grads_in_partition", states.grads)
-                flat = trace.malloc("flat_copy", BF16 * states.partition_elems)
-                fp32 = trace.malloc("fp32_grads", FP32 * states.partition_elems)
-                trace.free(flat, self.partition)
-                if not self.adam_ready:
-                    trace.malloc("exp_avg", states.optimizer_states // 2)
-                    trace.malloc("exp_avg_sq", states.optimizer_states - states.optimizer_states // 2)
-                trace.free(fp32)
+                # One optimizer group at a time; the gradients in partition are one buffer whose
+                # views every group's averaged_gradients hold, so it goes with the last group.
+                groups = stage12_group_slices(self.profile, self.shape, plan)
+                for index, elems in enumerate(groups):
+                    flat = trace.malloc("flat_copy", BF16 * elems)
+                    fp32 = trace.malloc("fp32_grads", FP32 * elems)
+                    trace.free(flat, *([self.partition] if index == len(groups) - 1 else []))
+                    if not self.adam_ready:
+                        share = states.optimizer_states * elems // max(sum(groups), 1)
+                        trace.malloc("exp_avg", share // 2)
+                        trace.malloc("exp_avg_sq", share - share // 2)
+                    trace.free(fp32)
         elif not offload:
             for elems in stage3_sub_group_elems(self.profile, self.shape, plan):
                 flat = trace.malloc("flat_copy", BF16 * elems)

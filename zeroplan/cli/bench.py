@@ -25,7 +25,7 @@ from zeroplan.errors import InvalidInput
 
 GRID_FLAGS = ("model", "stages", "micro_batch", "grad_ckpt", "offload", "seq_len", "tiles", "frozen", "lora_rank",
               "gpus", "steps", "warmup_steps", "gpu", "attn_implementation", "packed", "kernels", "compile",
-              "grad_accum", "vocab_multiple")
+              "grad_accum", "vocab_multiple", "ckpt_layers", "optimizer_groups")
 FLAG_NAMES = {"attn_implementation": "--attn"}
 PARAMETERS = {"compile": "compile_layers"}  # the function's parameter behind a flag, where the names differ
 STATUS_STYLES = {"ok": "green", "oom": "yellow", "timeout": "magenta", "error": "red"}
@@ -57,12 +57,15 @@ def command(
     compile_layers: bool = typer.Option(False, "--compile", help="torch.compile each decoder and vision layer."),
     grad_accum: int = typer.Option(1, "--grad-accum", help="Micro-batches per optimizer step."),
     vocab_multiple: int = typer.Option(1, "--vocab-multiple", help="Pad the vocabulary to a multiple of this (128 aligns the LM head)."),
+    ckpt_layers: Optional[int] = typer.Option(None, "--ckpt-layers", help="With checkpointing on: checkpoint only the first N decoder layers (default: all)."),
+    optimizer_groups: int = typer.Option(0, "--optimizer-groups", help="ZeRO-1/2: optimizer parameter groups of at most N elements (0: one group)."),
 ) -> int:
     """Run (or list, with --dry-run) the points of a sweep not yet in the results file."""
     flags = dict(model=model, stages=stages, micro_batch=micro_batch, grad_ckpt=grad_ckpt, offload=offload,
                  seq_len=seq_len, tiles=tiles, frozen=frozen, lora_rank=lora_rank, gpus=gpus, steps=steps,
                  warmup_steps=warmup_steps, gpu=gpu, attn_implementation=attn_implementation, packed=packed,
-                 kernels=kernels, compile=compile_layers, grad_accum=grad_accum, vocab_multiple=vocab_multiple)
+                 kernels=kernels, compile=compile_layers, grad_accum=grad_accum, vocab_multiple=vocab_multiple,
+                 ckpt_layers=ckpt_layers, optimizer_groups=optimizer_groups)
     given = [name for name in GRID_FLAGS if _given(ctx, PARAMETERS.get(name, name))]
     if sweep is not None and given:
         raise InvalidInput(f"give either --sweep or grid flags, not both (got --{given[0].replace('_', '-')})")
@@ -115,7 +118,8 @@ def _grid_from_flags(flags: dict) -> sweeps.Grid:
         lora_ranks=sweeps.parse_list(flags["lora_rank"], int, "--lora-rank"),
         steps=flags["steps"], warmup_steps=flags["warmup_steps"], world_size=flags["gpus"], gpu=flags["gpu"],
         attn_implementation=flags["attn_implementation"], packed=flags["packed"], kernels=flags["kernels"],
-        compile=flags["compile"], gradient_accumulation=flags["grad_accum"], vocab_multiple=flags["vocab_multiple"])
+        compile=flags["compile"], gradient_accumulation=flags["grad_accum"], vocab_multiple=flags["vocab_multiple"],
+        ckpt_layers=flags["ckpt_layers"], optimizer_group_elems=flags["optimizer_groups"])
 
 
 def _canonical_command(sweep_path: Path | None, results: Path, the_sweep: sweeps.Sweep, flags: dict) -> str:

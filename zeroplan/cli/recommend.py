@@ -58,6 +58,16 @@ def _recipe(given, profile, best, gpu) -> list[str]:
 
     shape = best.shape
     lines = []
+    layers = profile.llm.num_layers
+    if shape.grad_ckpt and shape.llm_ckpt_layers(layers) < layers:
+        lines.append(f"checkpoint every vision layer and only the first {shape.llm_ckpt_layers(layers)} of the "
+                     f"{layers} LLM decoder layers (set gradient_checkpointing = False on layers "
+                     f"{shape.llm_ckpt_layers(layers)}-{layers - 1} after gradient_checkpointing_enable)")
+    if best.plan.optimizer_group_elems:
+        lines.append(f"give the optimizer its parameters in consecutive groups of at most "
+                     f"{best.plan.optimizer_group_elems:,} elements (same settings in each): DeepSpeed's "
+                     f"ZeRO-{best.plan.stage} step then converts one group's gradients to fp32 at a time, "
+                     f"which the plan needs to fit")
     if best.gradient_accumulation > 1:
         lines.append(f"gradient accumulation {best.gradient_accumulation} (one optimizer step per "
                      f"{best.gradient_accumulation} micro-batches: DeepSpeed's per-step work is spread over them)")
@@ -77,6 +87,13 @@ def _recipe(given, profile, best, gpu) -> list[str]:
     return lines
 
 
+def _ckpt(summary: dict) -> str:
+    """on, off, or the number of decoder layers checkpointed."""
+    if not summary["grad_ckpt"]:
+        return "off"
+    return "on" if summary.get("ckpt_layers") is None else f"{summary['ckpt_layers']} layers"
+
+
 def _print(payload: dict, result) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -90,7 +107,7 @@ def _print(payload: dict, result) -> None:
         f"{payload['seq_len']} tokens, {payload['tiles']} tiles per sample")
     console.print(
         f"[bold green]Recommended: ZeRO-{best['stage']}[/bold green], micro-batch {best['micro_batch']} × "
-        f"accumulation {best['gradient_accumulation']}, checkpointing {'on' if best['grad_ckpt'] else 'off'}, "
+        f"accumulation {best['gradient_accumulation']}, checkpointing {_ckpt(best)}, "
         f"offload optimizer {best['offload_optimizer']} / params {best['offload_params']}")
     console.print(f"  predicted peak {o.gib(best['predicted_peak_bytes'])} GiB of {o.gib(payload['budget_bytes'])} "
                   f"usable; step {best['predicted_step_s']:.2f} s; {best['predicted_tokens_per_s']:,.0f} tokens/s "
@@ -108,7 +125,7 @@ def _print(payload: dict, result) -> None:
         runners.add_column(column)
     for alt in payload["alternatives"][:12]:
         runners.add_row(str(alt["stage"]), str(alt["micro_batch"]), str(alt["gradient_accumulation"]),
-                        "on" if alt["grad_ckpt"] else "off", "fused" if alt["loss"] != "eager" else "eager",
+                        _ckpt(alt), "fused" if alt["loss"] != "eager" else "eager",
                         f"{alt['offload_optimizer']}/{alt['offload_params']}",
                         o.gib(alt["predicted_peak_bytes"]), f"{alt['predicted_tokens_per_s']:,.0f}",
                         alt["rejected_because"])

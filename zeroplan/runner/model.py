@@ -226,8 +226,17 @@ def prepare_for_training(model, spec, shape):
         param.requires_grad_(tower is not None and shape.trains(tower))
     if spec.grad_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if spec.ckpt_layers is not None:  # only the first ckpt_layers decoder layers recompute
+            for layer in list(decoder_layers(model))[spec.ckpt_layers:]:
+                layer.gradient_checkpointing = False
     model.train()
     return model
+
+
+def decoder_layers(model):
+    """The LLM's decoder layers, in order (PEFT's wrapper looked through)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.model.language_model.layers
 
 
 def trainable_parameters(model) -> list:

@@ -18,7 +18,8 @@ ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "varlen")
 NOT_IN_POINT_ID = frozenset({"steps", "warmup_steps"})
 # Fields added after points were measured: left out of the point id at their default, so the
 # points measured before they existed keep their ids (and sweeps keep resuming).
-LATER_DEFAULTS = {"kernels": "eager", "compile": False, "gradient_accumulation": 1, "vocab_multiple": 1}
+LATER_DEFAULTS = {"kernels": "eager", "compile": False, "gradient_accumulation": 1, "vocab_multiple": 1,
+                  "ckpt_layers": None, "optimizer_group_elems": 0}
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,10 @@ class RunSpec:
     `attn_implementation` "varlen" is torch's variable-length flash attention over packed rows.
     `gradient_accumulation` micro-steps make one optimizer step (a measured step is all of them).
     `vocab_multiple` pads the vocabulary (embedding and lm_head rows) to a multiple, for aligned
-    matrix products; the padded rows are never a label.
+    matrix products; the padded rows are never a label. `ckpt_layers` (with `grad_ckpt`)
+    checkpoints only the first that many decoder layers, every vision layer still (None: all).
+    `optimizer_group_elems` (ZeRO-1/2) hands AdamW its parameters in consecutive groups of at most
+    that many elements, so DeepSpeed's step converts one group's gradients to fp32 at a time.
     """
 
     model: str = "tiny"
@@ -64,6 +68,8 @@ class RunSpec:
     compile: bool = False
     gradient_accumulation: int = 1
     vocab_multiple: int = 1
+    ckpt_layers: int | None = None
+    optimizer_group_elems: int = 0
 
     def __post_init__(self):
         object.__setattr__(self, "frozen", tuple(sorted(set(self.frozen))))
@@ -94,12 +100,14 @@ class RunSpec:
         """The TrainShape the estimator sees for this run."""
         return TrainShape(micro_batch=self.micro_batch, seq_len=self.seq_len, tiles=self.tiles,
                           grad_ckpt=self.grad_ckpt, frozen=frozenset(self.frozen), lora_rank=self.lora_rank,
-                          packed=self.packed, kernels=self.kernels, compiled=self.compile)
+                          packed=self.packed, kernels=self.kernels, compiled=self.compile,
+                          ckpt_layers=self.ckpt_layers)
 
     def plan(self) -> Plan:
         """The Plan of this run: one node of `world_size` GPUs, zeroplan's default buckets."""
         return Plan(stage=self.stage, gpus_per_node=self.world_size, nodes=1,
-                    offload_optimizer=self.offload_optimizer, offload_params=self.offload_params)
+                    offload_optimizer=self.offload_optimizer, offload_params=self.offload_params,
+                    optimizer_group_elems=self.optimizer_group_elems)
 
     def to_dict(self) -> dict:
         """Plain JSON-able fields."""

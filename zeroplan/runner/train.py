@@ -55,12 +55,21 @@ def init_distributed() -> tuple[bool, int, int, int]:
 
 
 def make_optimizer(spec: RunSpec, params: list, cuda: bool):
-    """torch AdamW as DeepSpeed's client optimizer (fused on CUDA: no JIT build), or None under
-    optimizer offload, where DeepSpeed builds its CPU Adam from the config."""
+    """torch AdamW as DeepSpeed's client optimizer (fused on CUDA: no JIT build), its parameters in
+    the spec's optimizer groups, or None under optimizer offload, where DeepSpeed builds its CPU
+    Adam from the config."""
     import torch
 
     if spec.offload_optimizer != "none":
         return None
+    if spec.optimizer_group_elems:  # the planned groups (zeroplan.partition.optimizer_groups)
+        from zeroplan.partition import optimizer_groups
+
+        groups, start = [], 0
+        for sizes in optimizer_groups(tuple(p.numel() for p in params), spec.optimizer_group_elems):
+            groups.append({"params": params[start:start + len(sizes)]})
+            start += len(sizes)
+        params = groups
     return torch.optim.AdamW(params, lr=spec.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.05,
                              **({"fused": True} if cuda else {}))
 
