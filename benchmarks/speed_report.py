@@ -19,12 +19,13 @@ from pathlib import Path
 
 from zeroplan.atomic import write_files_atomic
 from zeroplan.jsonl import read
-from zeroplan.stepfit import predicted_step_s, timed_run
+from zeroplan.stepfit import predicted_step_s, steady, timed_run
 
-SWEEPS = ("h100_fast_2b", "h100_fast_stages", "h100_fast_4b", "h100_fast_4b_stages", "h100_fast_z3", "h200_fast_4b")
+SWEEPS = ("h100_fast_2b", "h100_fast_stages", "h100_fast_4b", "h100_fast_4b_stages", "h100_fast_z3", "h200_fast_4b",
+          "h100_z3_steady", "h100_4b_fit")
 # The sweeps `zeroplan calibrate` fitted the H100's step-time constants on (with the earlier
 # accuracy sweeps); 4B, ZeRO-3's fast recipe and the H200 are out of sample.
-FIT_SWEEPS = ("h100_fast_2b", "h100_fast_stages")
+FIT_SWEEPS = ("h100_fast_2b", "h100_fast_stages", "h100_z3_steady", "h100_4b_fit")
 TOLERANCE = 0.15
 
 
@@ -41,6 +42,12 @@ def option_label(spec: dict) -> str:
         parts.append("compiled layers")
     if spec.get("gradient_accumulation", 1) > 1:
         parts.append(f"GAS {spec['gradient_accumulation']}")
+    if spec.get("micro_batch", 1) > 1 and parts:
+        parts.append(f"{spec['micro_batch']} rows per micro-batch")
+    if spec.get("ckpt_layers") is not None:
+        parts.append(f"first {spec['ckpt_layers']} layers checkpointed")
+    if spec.get("optimizer_group_elems"):
+        parts.append(f"optimizer groups of {spec['optimizer_group_elems'] / 1e6:g}M")
     return ", ".join(parts) or "plain loop"
 
 
@@ -59,7 +66,9 @@ def rows() -> list[dict]:
             row = {"sweep": sweep, "model": record["model"], "stage": spec["stage"], "grad_ckpt": spec["grad_ckpt"],
                    "options": option_label(spec), "plain": is_plain(spec), "status": record["status"],
                    "device": record.get("device"), "date": (record.get("date") or "")[:10],
-                   "in_fit": sweep in FIT_SWEEPS}
+                   "in_fit": sweep in FIT_SWEEPS, "steady": steady(record),
+                   "ckpt_layers": spec.get("ckpt_layers"), "micro_batch": spec["micro_batch"],
+                   "groups": spec.get("optimizer_group_elems", 0)}
             run = timed_run(record)
             if run is not None:
                 predicted = predicted_step_s(run)
@@ -78,7 +87,7 @@ def rows() -> list[dict]:
 def best(rows_: list[dict], model: str, stage: int, plain: bool, device: str | None = None) -> dict | None:
     """The fastest finished run of a model and stage, plain or not (on one device)."""
     found = [r for r in rows_ if r["model"] == model and r["stage"] == stage and r["plain"] == plain
-             and r["status"] == "ok" and (device is None or r["device"] == device)
+             and r["status"] == "ok" and r["steady"] and (device is None or r["device"] == device)
              and not ("compiled" in r["options"] and stage == 3)]
     return max(found, key=lambda r: r["mfu"], default=None)
 
@@ -122,7 +131,8 @@ def markdown(rows_: list[dict]) -> str:
                     f"{_cell(after, 'predicted_tokens_per_s', ',.0f')} | {_cell(after, 'error', '+.1%')} |")
     lines += ["", "## Every run, with the step-time model's prediction", "",
               "`fit`: the run was among those `zeroplan calibrate` fitted the GPU's step-time constants on; "
-              "`check`: out of sample.", "",
+              "`check`: out of sample; `unsteady`: a ZeRO-3 run timed after fewer than 4 warm-up micro-steps "
+              "(its step times were still falling; left out of the fit and the error figures).", "",
               "| sweep | model | stage | ckpt | options | status | MFU | tokens/s | step s | predicted step s | "
               "tokens/s error | peak alloc GiB | peak reserved GiB | set |",
               "|---|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
@@ -134,12 +144,17 @@ def markdown(rows_: list[dict]) -> str:
         lines.append(f"| {r['sweep']} | {r['model']} | {r['stage']} | {'on' if r['grad_ckpt'] else 'off'} | "
                      f"{r['options']} | ok | {r['mfu']:.1%} | {r['tokens_per_s']:,.0f} | {r['step_s']:.3f} | "
                      f"{r['predicted_step_s']:.3f} | {r['error']:+.1%} | {r['peak_allocated_gib']:.1f} | "
-                     f"{r['peak_reserved_gib']:.1f} | {'fit' if r['in_fit'] else 'check'} |")
-    ok = [r for r in rows_ if r["status"] == "ok" and not ("compiled" in r["options"] and r["stage"] == 3)]
+                     f"{r['peak_reserved_gib']:.1f} | "
+                     f"{('fit' if r['in_fit'] else 'check') if r['steady'] else 'unsteady'} |")
+    ok = [r for r in rows_ if r["status"] == "ok" and r["steady"]
+          and not ("compiled" in r["options"] and r["stage"] == 3)]
+    unsteady = [r for r in rows_ if r["status"] == "ok" and not r["steady"]]
     errors = [abs(r["error"]) for r in ok]
     within = sum(e <= TOLERANCE for e in errors)
     lines += ["", "## Step-time model (what `zeroplan recommend` ranks plans by)", "",
-              f"Over {len(ok)} runs (ZeRO-3 with compiled layers left out: zeroplan never plans it): median "
+              f"Over {len(ok)} runs (left out: ZeRO-3 with compiled layers, which zeroplan never plans, and "
+              f"the {len(unsteady)} ZeRO-3 runs timed after fewer than 4 warm-up micro-steps, not yet steady: "
+              "`zeroplan.stepfit.steady`, marked `unsteady` above): median "
               f"|error| of predicted tokens/s {statistics.median(errors):.1%}, worst {max(errors):.1%}, "
               f"{within} of {len(ok)} within {TOLERANCE:.0%}. Per stage:", "",
               "| stage | runs | median abs error | worst | within 15 % | out of sample (check) within 15 % |",

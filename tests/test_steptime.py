@@ -17,7 +17,7 @@ from zeroplan.steptime import fused_loss_extra_bytes, step_terms, step_time
 
 REPORTS = Path(__file__).resolve().parents[1] / "reports"
 CALIBRATION = ("h100_check", "h100_matrix_long", "h100_stages_4b", "h100_stages", "h100_matrix_short",
-               "h100_fast_2b", "h100_fast_stages")
+               "h100_fast_2b", "h100_fast_stages", "h100_z3_steady", "h100_4b_fit")
 SHAPE = TrainShape(seq_len=8192, tiles=8, grad_ckpt=False)
 ONE_GPU = Plan(stage=1, gpus_per_node=1)
 
@@ -38,7 +38,8 @@ def _fast_runs(sweep):
 
 
 @pytest.mark.parametrize("sweep,stages", [("h100_fast_2b", (1,)), ("h100_fast_stages", (0, 2)),
-                                          ("h100_fast_4b_stages", (0,)), ("h200_fast_4b", (1,))])
+                                          ("h100_fast_4b_stages", (0,)), ("h200_fast_4b", (1,)),
+                                          ("h100_4b_fit", (0, 1))])
 def test_tokens_per_s_of_the_fast_configurations_are_within_15_percent(sweep, stages):
     # What recommend plans below ZeRO-3: compiled layers, accumulation, the eager or the fused loss.
     checked = 0

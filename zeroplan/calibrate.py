@@ -107,12 +107,13 @@ def calibrate(records: list[dict], gpu: GPUProfile) -> dict[str, float | int]:
 
 def fit_step_constants(records: list[dict], gpu: GPUProfile) -> dict[str, float]:
     """The step-time constants fitted to the finished single-GPU runs without offload (ZeRO-3 with
-    compiled layers left out: zeroplan never plans it, its hooks split the compiled graphs)."""
-    from zeroplan.stepfit import fit, timed_run
+    compiled layers left out: zeroplan never plans it, its hooks split the compiled graphs; ZeRO-3
+    runs timed before they were steady left out too: zeroplan.stepfit.steady)."""
+    from zeroplan.stepfit import fit, steady, timed_run
 
     runs = []
     for record in records:
-        run = timed_run(record, gpu)
+        run = timed_run(record, gpu) if steady(record) else None
         if (run is not None and run.plan.world_size == 1 and run.plan.offload_optimizer == "none"
                 and not (run.plan.stage == 3 and run.shape.compiled)):
             runs.append(run)

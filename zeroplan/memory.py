@@ -237,7 +237,7 @@ def _phases(plan: Plan, states: ModelStateBytes, acts: ActivationBytes, buffers:
 
 def reserved_bytes(profile: ModelProfile, shape: TrainShape, plan: Plan, states: ModelStateBytes, buffers: int,
                    step: int, capacity: int, step_tiles: tuple[int, ...] | None = None,
-                   compiled: bool = False) -> tuple[int, int]:
+                   compiled: bool = False, accumulation: int = 1) -> tuple[int, int]:
     """(peak reserved, peak allocated) of PyTorch's caching allocator over the runner's five steps,
     by replaying the steps' allocations and frees (zeroplan.step_events) through the allocator's
     rules (zeroplan.allocator). Reserved exceeds allocated because freed blocks stay cached in their
@@ -246,16 +246,19 @@ def reserved_bytes(profile: ModelProfile, shape: TrainShape, plan: Plan, states:
     # ZeRO-1 and ZeRO-2 allocate alike in DeepSpeed 0.19.8 (same partition, buckets and step), so
     # their replays are one.
     replayed_plan = replace(plan, stage=1) if plan.stage == 2 else plan
+    if plan.stage == 2 and accumulation > 1:  # ZeRO-2 reduces every micro-step, ZeRO-1 at the boundary
+        replayed_plan = plan
     return _replayed(profile, shape, replayed_plan, states, buffers if plan.stage in (1, 2) else 0, capacity,
-                     step_tiles, compiled)
+                     step_tiles, compiled, accumulation)
 
 
 @lru_cache(maxsize=512)
 def _replayed(profile: ModelProfile, shape: TrainShape, plan: Plan, states: ModelStateBytes, buffers: int,
-              capacity: int, step_tiles: tuple[int, ...] | None, compiled: bool) -> tuple[int, int]:
+              capacity: int, step_tiles: tuple[int, ...] | None, compiled: bool,
+              accumulation: int = 1) -> tuple[int, int]:
     """The replay itself, cached: the planner asks for the same shape under many plans."""
     events = training_events(profile, shape, plan, states, buffers, steps=RUNNER_STEPS, step_tiles=step_tiles,
-                             compiled=compiled)
+                             compiled=compiled, accumulation=min(accumulation, 3))
     allocator = replay(events, capacity)
     return allocator.peak_reserved, allocator.peak_allocated
 
@@ -288,7 +291,8 @@ def estimate(profile: ModelProfile, shape: TrainShape, plan: Plan, gpu: GPUProfi
         peak_reserved = peak_allocated
     else:
         replay_reserved, replay_allocated = reserved_bytes(profile, shape, plan, states, buffers, step,
-                                                           gpu.memory_bytes - context, step_tiles, compiled)
+                                                           gpu.memory_bytes - context, step_tiles, compiled,
+                                                           gradient_accumulation)
         # Phases the replay leaves out (ZeRO-3 prefetch, offload buffers) need segments of their own.
         peak_reserved = replay_reserved + max(0, peak_allocated - replay_allocated)
     return MemoryBreakdown(

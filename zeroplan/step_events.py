@@ -249,19 +249,24 @@ def _loss(trace: Trace, profile: ModelProfile, shape: TrainShape, plan: Plan, de
 
 def training_events(profile: ModelProfile, shape: TrainShape, plan: Plan, states: ModelStateBytes,
                     buffer_bytes: int, steps: int = 5, step_tiles: tuple[int, ...] | None = None,
-                    compiled: bool = False) -> list:
+                    compiled: bool = False, accumulation: int = 1) -> list:
     """Events of the engine's set-up and `steps` training steps. `buffer_bytes` are ZeRO-1/2's
     gradient buckets (zeroplan.memory.communication_buffer_bytes). `step_tiles` gives each step's
     tiles in the micro-batch (every step holds micro_batch × tiles when not given); a different
     tile count changes the vision tower's tensor sizes, and with them which cached blocks fit.
     `compiled` decoder layers allocate what the min-cut partition keeps, without eager's fp32
-    RMSNorm temporaries or SiLU(gate) (Inductor fuses that pointwise work)."""
+    RMSNorm temporaries or SiLU(gate) (Inductor fuses that pointwise work). With `accumulation`
+    micro-steps per optimizer step, each step replays its first micro-step, one middle one (the
+    others allocate alike) and the boundary one."""
     trace = Trace()
     deepspeed = ZeroEvents(trace, profile, shape, plan, states, buffer_bytes)
     deepspeed.init()
+    micro_steps = min(accumulation, 3)
     for tiles in step_tiles or (shape.micro_batch * shape.tiles,) * steps:
-        _one_step(trace, profile, shape, plan, deepspeed, tiles, compiled)
-        deepspeed.allreduce()
+        for micro in range(micro_steps):
+            deepspeed.begin_micro_step(first=micro == 0, boundary=micro == micro_steps - 1)
+            _one_step(trace, profile, shape, plan, deepspeed, tiles, compiled)
+            deepspeed.allreduce()
         deepspeed.step()
     return trace.events
 
@@ -352,5 +357,5 @@ def _one_step(trace: Trace, profile: ModelProfile, shape: TrainShape, plan: Plan
             deepspeed.weight_grad("vision_layer", vision_layer_elems)
             trace.free(gather)
         trace.free(grad)
-    kept = set(deepspeed.buckets) | {grad for grad, _ in deepspeed.grads} | {deepspeed.partition}
+    kept = set(deepspeed.buckets) | {grad for grad, _ in deepspeed.grads} | {deepspeed.partition} | set(deepspeed.held)
     trace.free(*sorted(trace.live - before - kept))

@@ -63,6 +63,20 @@ def timed_run(record: dict, gpu: GPUProfile | None = None) -> TimedRun | None:
     return TimedRun(describe(spec), profile, shape, plan, gpu, spec.gradient_accumulation, float(record["step_time_s"]))
 
 
+ZERO3_STEADY_WARMUP_MICRO_STEPS = 4
+
+
+def steady(record: dict) -> bool:
+    """Whether the run's timed steps are steady-state. ZeRO-3's are not until its parameter
+    coordinator has traced the modules' order and prefetches by it: the same 2B ZeRO-3 point took
+    1.31 s a step after 2 warm-up steps and 0.85 s after 4 (reports/h100_fast_z3,
+    reports/h100_z3_steady), so ZeRO-3 runs count once at least 4 micro-steps ran before timing."""
+    spec = record.get("spec") or {}
+    if spec.get("stage") != 3:
+        return True
+    return spec.get("warmup_steps", 0) * spec.get("gradient_accumulation", 1) >= ZERO3_STEADY_WARMUP_MICRO_STEPS
+
+
 def predicted_step_s(run: TimedRun, values: dict[str, float] | None = None) -> float:
     """The model's step time for the run, under `values` (default: the run's GPU profile)."""
     return seconds_of(run.terms(), run.gpu, values or constants(run.gpu))

@@ -34,6 +34,13 @@ class ZeroEvents:
     filled: int = 0
     adam_ready: bool = False
     bucket_params: list = field(default_factory=list)
+    # Gradient accumulation: whether this micro-step ends the optimizer step, whether it is the
+    # step's first, and the bf16 `.grad`s held between micro-steps (ZeRO-0, and ZeRO-1 before its
+    # boundary), in the order backward makes them.
+    boundary: bool = True
+    first_micro: bool = True
+    held: list = field(default_factory=list)
+    produced: int = 0
 
     def init(self) -> None:
         """What the engine holds and caches before the first step (checked against the runs'
@@ -102,21 +109,45 @@ class ZeroEvents:
         trace.malloc("grad_partitions", states.grads)
         trace.malloc("reduce_bucket", BF16 * plan.reduce_bucket_elems if plan.contiguous_gradients else 0)
 
+    def begin_micro_step(self, first: bool, boundary: bool) -> None:
+        """A micro-step starts: the first of an optimizer step and/or the one that ends it."""
+        self.first_micro, self.boundary, self.produced = first, boundary, 0
+
     def weight_grad(self, name: str, elems: int) -> None:
         """A weight gradient autograd has just made (see adopt_grad)."""
         self.adopt_grad(name, elems, self.trace.malloc(f"grad.{name}", BF16 * elems))
 
+    def _accumulated(self, grad: str) -> str:
+        """AccumulateGrad after the step's first micro-step: the new gradient is added into the
+        `.grad` held since then and freed; the held one is what the hooks see."""
+        held = self.held[self.produced]
+        self.produced += 1
+        self.trace.free(grad)
+        return held
+
     def adopt_grad(self, name: str, elems: int, grad: str) -> None:
         """ZeRO-0 keeps the bf16 gradient until the step; ZeRO-1/2 copy it into a bucket (made at
         the first hook) and allocate the reduced partition when the first bucket is full; ZeRO-3
-        reduces it into its preallocated partition. Either way the gradient itself is released."""
+        reduces it into its preallocated partition. Either way the gradient itself is released.
+        With accumulation, ZeRO-0 and ZeRO-1 keep the `.grad` between micro-steps (ZeRO-1 reduces
+        only at the boundary: reduce_ready_partitions_and_remove_grads); ZeRO-2 reduces every
+        micro-step into its partition, which stays."""
         if self.plan.stage == 0:
-            self.grads.append((grad, elems))
+            if self.first_micro:
+                self.grads.append((grad, elems))
+            else:
+                self.trace.free(grad)
             return
+        if self.plan.stage == 1 and self.plan.offload_optimizer == "none":
+            if not self.first_micro:
+                grad = self._accumulated(grad)
+            if not self.boundary:
+                self._setup_buckets()
+                if self.first_micro:
+                    self.held.append(grad)
+                return
         if self.plan.stage in (1, 2) and self.plan.contiguous_gradients:
-            if not self.buckets:
-                copies = 2 if self.plan.overlap_comm else 1
-                self.buckets = [self.trace.malloc("ipg_bucket", self.buffer_bytes // copies) for _ in range(copies)]
+            self._setup_buckets()
             overflow = self.filled + elems > self.plan.reduce_bucket_elems
             if overflow and self.partition is None and self.plan.offload_optimizer == "none":
                 # reduce_ipg_grads copies into the partition under `stream(self.reduction_stream)`
@@ -132,6 +163,12 @@ class ZeroEvents:
                 self._reduce_scatter()
             self.filled += elems
         self.trace.free(grad)
+
+    def _setup_buckets(self) -> None:
+        """setup_buckets at the first gradient hook: the bf16 bucket (two with overlap_comm)."""
+        if not self.buckets:
+            copies = 2 if self.plan.overlap_comm else 1
+            self.buckets = [self.trace.malloc("ipg_bucket", self.buffer_bytes // copies) for _ in range(copies)]
 
     def _offload_bucket(self) -> None:
         """ZeRO-1/2 with the optimizer offloaded, when a bucket is reduced (copy_grads_in_partition,
@@ -162,7 +199,10 @@ class ZeroEvents:
             self._reduce_scatter()
         if self.plan.stage in (1, 2):
             self._offload_bucket()
-        if self.plan.stage != 0:
+            if self.plan.stage == 2 and not self.boundary:  # _release_ipg_buffers at every epilogue
+                self.trace.free(*self.buckets)
+                self.buckets, self.filled = [], 0
+        if self.plan.stage != 0 or not self.boundary:
             return
         bucket = 0
         for _, elems in reversed(self.grads):
@@ -221,7 +261,7 @@ class ZeroEvents:
                     trace.malloc("exp_avg_sq", FP32 * elems)
                 trace.free(fp32)
         self.adam_ready = True
-        self.grads, self.buckets, self.partition, self.filled = [], [], None, 0
+        self.grads, self.buckets, self.partition, self.filled, self.held = [], [], None, 0, []
 
 
 def gathered(trace: Trace, plan: Plan, elems: int) -> str | None:
