@@ -23,10 +23,11 @@ from zeroplan.jsonl import read
 from zeroplan.memory import estimate
 from zeroplan.profiles import load_gpu
 from zeroplan.records import drawn_tiles, record_profile
+from zeroplan.stepfit import predicted_step_s, steady, timed_run
 from zeroplan.steptime import step_time
 
 CALIBRATION_SWEEPS = ("h100_check", "h100_matrix_long", "h100_stages_4b", "h100_stages", "h100_matrix_short",
-                      "h100_fast_2b", "h100_fast_stages")
+                      "h100_fast_2b", "h100_fast_stages", "h100_z3_steady", "h100_4b_fit")
 GIB = 2**30
 
 
@@ -45,8 +46,15 @@ def rows_for(sweep: Path, calibrated, plain) -> list[dict]:
         steps, accumulation = point.step_tiles, point.gradient_accumulation
         with_cal = estimate(profile, point.shape, point.plan, calibrated, steps, accumulation, point.compiled)
         without = estimate(profile, point.shape, point.plan, plain, steps, accumulation, point.compiled)
-        time_cal = step_time(profile, point.spec_shape, point.plan, calibrated, accumulation)
-        time_plain = step_time(profile, point.spec_shape, point.plan, plain, accumulation)
+        # The step-time model sees a run as zeroplan calibrate's fit does (zeroplan.stepfit.timed_run:
+        # the tiles its samples drew on average, since time follows the work done).
+        timed = timed_run(record, calibrated) if status == "ok" else None
+        if timed is not None:
+            time_cal = predicted_step_s(timed)
+            time_plain = predicted_step_s(replace(timed, gpu=plain))
+        else:
+            time_cal = step_time(profile, point.spec_shape, point.plan, calibrated, accumulation).step_s
+            time_plain = step_time(profile, point.spec_shape, point.plan, plain, accumulation).step_s
         baseline = ((record.get("deepspeed_estimator_bytes") or {}).get("for_stage") or {}).get("gpu_bytes")
         spec = record["spec"]
         row = {
@@ -63,7 +71,7 @@ def rows_for(sweep: Path, calibrated, plain) -> list[dict]:
             "predicted_reserved_uncalibrated": without.peak_reserved,
             "predicted_peak_calibrated": with_cal.peak, "predicted_peak_uncalibrated": without.peak,
             "capacity": calibrated.memory_bytes, "deepspeed_estimator": baseline,
-            "predicted_step_s_calibrated": time_cal.step_s, "predicted_step_s_uncalibrated": time_plain.step_s,
+            "predicted_step_s_calibrated": time_cal, "predicted_step_s_uncalibrated": time_plain,
         }
         if status == "ok":
             measured_alloc, measured_res = record["measured_peak_allocated_bytes"], record["measured_peak_reserved_bytes"]
@@ -76,8 +84,9 @@ def rows_for(sweep: Path, calibrated, plain) -> list[dict]:
                        error_nvml_calibrated=relative(with_cal.peak, record.get("nvml_peak_used_bytes")),
                        error_nvml_uncalibrated=relative(without.peak, record.get("nvml_peak_used_bytes")),
                        error_deepspeed=(baseline - measured_alloc) / measured_alloc if baseline else None,
-                       error_step_calibrated=(time_cal.step_s - record["step_time_s"]) / record["step_time_s"],
-                       error_step_uncalibrated=(time_plain.step_s - record["step_time_s"]) / record["step_time_s"])
+                       error_step_calibrated=(time_cal - record["step_time_s"]) / record["step_time_s"],
+                       error_step_uncalibrated=(time_plain - record["step_time_s"]) / record["step_time_s"],
+                       steady=steady(record))
         rows.append(row)
     return rows
 
@@ -133,6 +142,8 @@ def render(rows: list[dict], device: str, when: str) -> str:
     out_of_sample = [r for r in ok if not r["in_calibration_set"]]
     fixed = [r for r in ok if r["fixed_tiles"] or r["tiles"] <= 1]
     liger = [r for r in ok if r["kernels"] != "eager"]
+    timed = [r for r in ok if r["offload_optimizer"] == "none" and r["steady"]
+             and not (r["stage"] == 3 and r.get("compile"))]
     lines = [
         "# Accuracy of zeroplan's memory and step-time models on one H100",
         "",
@@ -171,8 +182,10 @@ def render(rows: list[dict], device: str, when: str) -> str:
         f"uncalibrated: {summary([r['error_nvml_uncalibrated'] for r in ok if r['error_nvml_uncalibrated'] is not None])}",
         f"- DeepSpeed's estimator against peak allocated: "
         f"{summary([r['error_deepspeed'] for r in ok if r['error_deepspeed'] is not None])}",
-        f"- step time, calibrated: {summary([r['error_step_calibrated'] for r in ok if r['offload_optimizer'] == 'none'])}; "
-        f"uncalibrated: {summary([r['error_step_uncalibrated'] for r in ok if r['offload_optimizer'] == 'none'])}",
+        f"- step time, calibrated: {summary([r['error_step_calibrated'] for r in timed])}; "
+        f"uncalibrated: {summary([r['error_step_uncalibrated'] for r in timed])} (runs without offload, "
+        f"the {sum(1 for r in ok if not r['steady'])} ZeRO-3 runs timed after fewer than 4 warm-up micro-steps "
+        "left out: zeroplan.stepfit.steady, and ZeRO-3 with compiled layers, which zeroplan never plans)",
     ]
     ooms = [r for r in rows if r["status"] == "oom"]
     predicted_oom = sum(1 for r in ooms if r["predicted_peak_calibrated"] > r["capacity"])
