@@ -257,11 +257,13 @@ def training_events(profile: ModelProfile, shape: TrainShape, plan: Plan, states
     `compiled` decoder layers allocate what the min-cut partition keeps, without eager's fp32
     RMSNorm temporaries or SiLU(gate) (Inductor fuses that pointwise work). With `accumulation`
     micro-steps per optimizer step, each step replays its first micro-step, one middle one (the
-    others allocate alike) and the boundary one."""
+    others allocate alike) and the boundary one (ZeRO-3: two micro-steps)."""
     trace = Trace()
     deepspeed = ZeroEvents(trace, profile, shape, plan, states, buffer_bytes)
     deepspeed.init()
-    micro_steps = min(accumulation, 3)
+    # ZeRO-3's micro-steps allocate alike (its partition takes every gradient in place), so two
+    # show what a third would; ZeRO-0/1/2 differ between the first, middle and boundary ones.
+    micro_steps = min(accumulation, 2 if plan.stage == 3 else 3)
     for tiles in step_tiles or (shape.micro_batch * shape.tiles,) * steps:
         for micro in range(micro_steps):
             deepspeed.begin_micro_step(first=micro == 0, boundary=micro == micro_steps - 1)
