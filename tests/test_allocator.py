@@ -97,7 +97,7 @@ def test_engine_set_up_allocates_what_the_h100_runs_recorded():
                 if point.plan.world_size != 1:
                     continue
                 profile = record_profile(record)
-                states = _most_loaded_rank_states(profile, replace(point.shape, micro_batch=1, grad_ckpt=False),
+                states = _most_loaded_rank_states(profile, replace(point.shape, micro_batch=1, grad_ckpt=False, ckpt_layers=None),
                                                   point.plan)
                 trace = Trace()
                 ZeroEvents(trace, profile, point.shape, point.plan, states,

@@ -243,12 +243,14 @@ def gather_to_all(value):
     return values
 
 
-def prediction(profile, shape, plan, gpu) -> dict:
-    """zeroplan's memory estimate for the run (None fields when the estimator is unavailable)."""
+def prediction(profile, shape, plan, gpu, gradient_accumulation: int = 1) -> dict:
+    """zeroplan's memory estimate for the run, its accumulation included (None fields when the
+    estimator is unavailable)."""
     try:
         from zeroplan.memory import estimate
 
-        breakdown = estimate(profile, shape, plan, gpu)
+        breakdown = estimate(profile, shape, plan, gpu, gradient_accumulation=gradient_accumulation,
+                             compiled=shape.compiled)
         return {"predicted_peak_bytes": int(breakdown.peak_bytes),
                 "predicted_peak_allocated_bytes": int(getattr(breakdown, "peak_allocated", 0)) or None,
                 "predicted_peak_reserved_bytes": int(getattr(breakdown, "peak_reserved", 0)) or None,

@@ -94,9 +94,9 @@ def train(spec: RunSpec, cuda: bool, rank: int, world_size: int, local_rank: int
     plan = tuned_plan(profile, shape, spec.plan())
     gpu = resolve_gpu(spec, cuda)
     result.update(measure.environment(cuda, None))
-    result.update(gpu_profile=gpu.name, **measure.prediction(profile, shape, plan, gpu))
+    result.update(gpu_profile=gpu.name, **measure.prediction(profile, shape, plan, gpu, spec.gradient_accumulation))
     result["deepspeed_estimator_bytes"] = deepspeed_estimate(profile, shape, plan)
-    result.update(predicted_step(profile, shape, plan, gpu))
+    result.update(predicted_step(profile, shape, plan, gpu, spec.gradient_accumulation))
     client = spec.offload_optimizer == "none"
     ds_config, source = deepspeed_config(profile, shape, plan, spec.micro_batch, spec.lr, client,
                                          spec.gradient_accumulation)
@@ -163,11 +163,12 @@ def model_inputs(batch, spec: RunSpec, device) -> dict:
     return inputs
 
 
-def predicted_step(profile, shape, plan, gpu) -> dict:
-    """zeroplan's step-time model for one micro-step of the run (no accumulation)."""
+def predicted_step(profile, shape, plan, gpu, gradient_accumulation: int = 1) -> dict:
+    """zeroplan's step-time model for one optimizer step of the run (all its micro-steps, as
+    step_time_s measures)."""
     from zeroplan.steptime import step_time
 
-    time = step_time(profile, shape, plan, gpu, 1)
+    time = step_time(profile, shape, plan, gpu, gradient_accumulation)
     return {"predicted_step_time_s": time.step_s, "predicted_tokens_per_s": time.tokens_per_s,
             "predicted_mfu": time.mfu, "predicted_step": time.as_dict()}
 
