@@ -147,3 +147,23 @@ def test_runner_checkpoints_the_first_layers_and_builds_the_groups():
     assert [len(g["params"]) for g in optimizer.param_groups] == [len(g) for g in expected]
     assert len(expected) > 2
     assert [p for g in optimizer.param_groups for p in g["params"]] == params
+
+
+def test_estimate_takes_checkpointed_layers_and_optimizer_groups(capsys):
+    import json
+
+    from zeroplan.cli.main import main
+
+    common = ["estimate", "--model", "4b", "--gpus", "1", "--gpu", "h100", "--seq-len", "8192", "--tiles", "8",
+              "--json"]
+    assert main(common + ["--stage", "1"]) == 0
+    whole = json.loads(capsys.readouterr().out)
+    assert main(common + ["--stage", "1", "--ckpt-layers", "18", "--optimizer-groups", "500000000"]) == 0
+    split = json.loads(capsys.readouterr().out)
+    assert (split["ckpt_layers"], split["optimizer_group_elems"]) == (18, 500_000_000)
+    assert split["breakdown_bytes"]["step_transient"] < whole["breakdown_bytes"]["step_transient"]
+    assert split["breakdown_bytes"]["activations_llm"] > whole["breakdown_bytes"]["activations_llm"]
+    assert main(common + ["--stage", "3", "--optimizer-groups", "5"]) == 2
+    assert "stage 1 or 2" in capsys.readouterr().err
+    assert main(common + ["--no-grad-ckpt", "--ckpt-layers", "3"]) == 2
+    assert "checkpointing on" in capsys.readouterr().err

@@ -15,7 +15,8 @@ def estimate_payload(profile, shape, plan, chosen, memory, baseline) -> dict:
         "model": profile.name, "gpu": chosen.profile.name, "gpu_origin": chosen.origin,
         "world_size": plan.world_size, "gpus_per_node": plan.gpus_per_node, "nodes": plan.nodes,
         "stage": plan.stage, "micro_batch": shape.micro_batch, "seq_len": shape.seq_len, "tiles": shape.tiles,
-        "grad_ckpt": shape.grad_ckpt, "frozen": sorted(shape.frozen), "lora_rank": shape.lora_rank,
+        "grad_ckpt": shape.grad_ckpt, "ckpt_layers": shape.ckpt_layers,
+        "optimizer_group_elems": plan.optimizer_group_elems, "frozen": sorted(shape.frozen), "lora_rank": shape.lora_rank,
         "offload_optimizer": plan.offload_optimizer, "offload_params": plan.offload_params,
         "per_gpu_bytes": memory.per_gpu_bytes(), "breakdown_bytes": memory.as_dict(),
         "capacity_bytes": memory.capacity, "headroom_bytes": memory.headroom(), "fits": memory.headroom() >= 0,
@@ -97,6 +98,8 @@ def command(
     prefetch_bucket: Annotated[Optional[int], typer.Option("--prefetch-bucket", help="stage3_prefetch_bucket_size; default: tuned.")] = None,
     max_live: Annotated[Optional[int], typer.Option("--max-live", help="stage3_max_live_parameters; default: tuned.")] = None,
     persistence: Annotated[Optional[int], typer.Option("--persistence", help="stage3_param_persistence_threshold; default: tuned.")] = None,
+    ckpt_layers: Annotated[Optional[int], typer.Option("--ckpt-layers", help="With --grad-ckpt: checkpoint only the first N LLM decoder layers (default: all).")] = None,
+    optimizer_groups: Annotated[int, typer.Option("--optimizer-groups", help="ZeRO-1/2: the optimizer's parameters in groups of at most N elements (0: one group).")] = 0,
     json_out: o.Json = False,
 ):
     """Per-GPU memory of one plan: breakdown, peak, capacity and DeepSpeed's own estimate beside it."""
@@ -107,8 +110,12 @@ def command(
 
     profile = load_model(model)
     shape = o.build_shape(micro_batch, seq_len, tiles, grad_ckpt, freeze, lora_rank, profile)
+    if ckpt_layers is not None:
+        from dataclasses import replace
+
+        shape = replace(shape, ckpt_layers=ckpt_layers)
     plan = tuned_plan(profile, shape, o.build_plan(stage, gpus, nodes, gpus_per_node, offload_optimizer,
-                                                   offload_params))
+                                                   offload_params, optimizer_group_elems=optimizer_groups))
     overrides = {"reduce_bucket_elems": reduce_bucket, "allgather_bucket_elems": reduce_bucket,
                  "prefetch_bucket_elems": prefetch_bucket, "max_live_params": max_live,
                  "param_persistence_threshold": persistence}
