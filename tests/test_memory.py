@@ -188,7 +188,12 @@ def test_accumulating_runs_replay_their_micro_steps(h100_points):
     # reduces every micro-step into its partition. Replaying the micro-steps, not adding the held
     # gradients on top of a one-micro-step replay, puts them into the cached blocks they really
     # reuse: the 4B ZeRO-1 runs at 16 and 8 micro-steps were over-estimated by 7.8 % and 3.9 %.
+    import statistics
+
     accumulating = [(p, m) for p, m in h100_points if p.gradient_accumulation > 1 and p.plan.stage in (1, 2)]
-    assert len(accumulating) >= 7
+    assert len(accumulating) >= 9
     errors = _errors(accumulating, "peak_reserved", "peak_reserved_bytes")
-    assert max(abs(e) for e in errors) <= 0.03, errors
+    assert statistics.median(abs(e) for e in errors) <= 0.015, errors
+    zero1_4b = [(p, m) for p, m in accumulating if p.model.endswith("4B") and p.plan.stage == 1
+                and p.gradient_accumulation == 16]
+    assert zero1_4b and all(abs(e) <= 0.01 for e in _errors(zero1_4b, "peak_reserved", "peak_reserved_bytes"))

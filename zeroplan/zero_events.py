@@ -130,8 +130,8 @@ class ZeroEvents:
         the first hook) and allocate the reduced partition when the first bucket is full; ZeRO-3
         reduces it into its preallocated partition. Either way the gradient itself is released.
         With accumulation, ZeRO-0 and ZeRO-1 keep the `.grad` between micro-steps (ZeRO-1 reduces
-        only at the boundary: reduce_ready_partitions_and_remove_grads); ZeRO-2 reduces every
-        micro-step into its partition, which stays."""
+        only at the boundary: reduce_ready_partitions_and_remove_grads). zeroplan.memory replays
+        ZeRO-2 as ZeRO-1, which its measured runs follow."""
         if self.plan.stage == 0:
             if self.first_micro:
                 self.grads.append((grad, elems))
@@ -199,9 +199,6 @@ class ZeroEvents:
             self._reduce_scatter()
         if self.plan.stage in (1, 2):
             self._offload_bucket()
-            if self.plan.stage == 2 and not self.boundary:  # _release_ipg_buffers at every epilogue
-                self.trace.free(*self.buckets)
-                self.buckets, self.filled = [], 0
         if self.plan.stage != 0 or not self.boundary:
             return
         bucket = 0
