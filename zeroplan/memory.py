@@ -172,12 +172,14 @@ def accumulated_gradient_bytes(profile: ModelProfile, shape: TrainShape, plan: P
     at the end of each backward). ZeRO-3's partition is resident anyway. Measured on the H100 at
     the start of later micro-steps' forward (reports/h100_fast_*): ZeRO-0 +4.1 GiB, ZeRO-1 +5.5,
     ZeRO-2 +4.1, ZeRO-3 +0 for InternVL2.5-2B (4.1 GiB of bf16 gradients, 1.4 GiB of buckets)."""
-    if gradient_accumulation <= 1 or plan.offload_optimizer != "none":
+    if gradient_accumulation <= 1:
+        return 0
+    if plan.stage == 1:  # with the optimizer offloaded too: it reduces (and offloads) at the boundary
+        return BF16 * sum(trainable_numels(profile, shape)) + buffers
+    if plan.offload_optimizer != "none":
         return 0
     if plan.stage == 0:
         return states.grads
-    if plan.stage == 1:
-        return BF16 * sum(trainable_numels(profile, shape)) + buffers
     if plan.stage == 2:
         return states.grads
     return 0
@@ -245,10 +247,13 @@ def reserved_bytes(profile: ModelProfile, shape: TrainShape, plan: Plan, states:
     split by smaller live tensors gets a new segment; nothing here is fitted to measurements."""
     # ZeRO-1 and ZeRO-2 allocate alike in DeepSpeed 0.19.8 (same partition, buckets and step), so
     # their replays are one.
-    replayed_plan = replace(plan, stage=1) if plan.stage == 2 else plan
     # That holds with accumulation too: the ZeRO-2 runs at 16 micro-steps per step replay within
     # 0.2 % as ZeRO-1 (holding every .grad to the boundary) and 5.6 % under as reducing every
-    # micro-step (reports/h100_fast_stages).
+    # micro-step (reports/h100_fast_stages). Not with the optimizer offloaded: ZeRO-2 then sends
+    # the gradients to the host at every micro-step, ZeRO-1 holds them to the boundary
+    # (reports/h100_offload_accum).
+    offloaded = plan.offload_optimizer != "none" and accumulation > 1
+    replayed_plan = replace(plan, stage=1) if plan.stage == 2 and not offloaded else plan
     return _replayed(profile, shape, replayed_plan, states, buffers if plan.stage in (1, 2) else 0, capacity,
                      step_tiles, compiled, accumulation)
 

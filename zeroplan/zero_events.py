@@ -130,15 +130,16 @@ class ZeroEvents:
         the first hook) and allocate the reduced partition when the first bucket is full; ZeRO-3
         reduces it into its preallocated partition. Either way the gradient itself is released.
         With accumulation, ZeRO-0 and ZeRO-1 keep the `.grad` between micro-steps (ZeRO-1 reduces
-        only at the boundary: reduce_ready_partitions_and_remove_grads). zeroplan.memory replays
-        ZeRO-2 as ZeRO-1, which its measured runs follow."""
+        only at the boundary: reduce_ready_partitions_and_remove_grads). ZeRO-2 reduces every
+        micro-step and releases its buckets at each backward's end; with the optimizer on the GPU
+        zeroplan.memory replays it as ZeRO-1, which its measured runs follow."""
         if self.plan.stage == 0:
             if self.first_micro:
                 self.grads.append((grad, elems))
             else:
                 self.trace.free(grad)
             return
-        if self.plan.stage == 1 and self.plan.offload_optimizer == "none":
+        if self.plan.stage == 1:
             if not self.first_micro:
                 grad = self._accumulated(grad)
             if not self.boundary:
@@ -175,7 +176,9 @@ class ZeroEvents:
         under the reduction stream with overlap_comm): per gradient, its fp64 copy for the norm
         (set_norm_for_param_grad_in_gpu: `.to(get_norm_dtype())`, fp64 on CUDA) and its fp32 copy
         for the host (async_inplace_copy_grad_to_fp32_buffer_from_gpu), one after the other."""
-        if self.plan.offload_optimizer != "none":
+        if self.plan.offload_optimizer != "none" and self.boundary:
+            # Before the boundary ZeRO-2 adds each gradient into its host copy through a buffer
+            # made at set-up (async_accumulate_grad_in_cpu_via_gpu): nothing is allocated then.
             stream = REDUCTION_STREAM if self.plan.overlap_comm else MAIN_STREAM
             for elems in self.bucket_params:
                 self.trace.free(self.trace.malloc("norm_fp64", 8 * elems, stream))
@@ -199,6 +202,9 @@ class ZeroEvents:
             self._reduce_scatter()
         if self.plan.stage in (1, 2):
             self._offload_bucket()
+            if self.plan.stage == 2 and not self.boundary:  # _release_ipg_buffers at every epilogue
+                self.trace.free(*self.buckets)
+                self.buckets, self.filled = [], 0
         if self.plan.stage != 0 or not self.boundary:
             return
         bucket = 0
