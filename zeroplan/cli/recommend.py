@@ -111,7 +111,8 @@ def _print(payload: dict, result) -> None:
         f"offload optimizer {best['offload_optimizer']} / params {best['offload_params']}")
     console.print(f"  predicted peak {o.gib(best['predicted_peak_bytes'])} GiB of {o.gib(payload['budget_bytes'])} "
                   f"usable; step {best['predicted_step_s']:.2f} s; {best['predicted_tokens_per_s']:,.0f} tokens/s "
-                  f"({best['predicted_mfu']:.0%} MFU)")
+                  f"({best['predicted_mfu']:.0%} MFU"
+                  f"{', counting attention across whole packed rows: an upper bound' if best['packed'] else ''})")
     for line in payload["recipe"]:
         console.print(f"  [cyan]•[/cyan] {line}")
     table = Table(title="per-GPU memory of the recommended plan")
