@@ -22,7 +22,7 @@ from zeroplan.jsonl import read
 from zeroplan.stepfit import predicted_step_s, steady, timed_run
 
 SWEEPS = ("h100_fast_2b", "h100_fast_stages", "h100_fast_4b", "h100_fast_4b_stages", "h100_fast_z3", "h200_fast_4b",
-          "h100_z3_steady", "h100_4b_fit", "h100_microbatch", "h100_zero2_rows")
+          "h100_z3_steady", "h100_4b_fit", "h100_microbatch", "h100_zero2_rows", "h100_4b_zero2")
 # The sweeps `zeroplan calibrate` fitted the H100's step-time constants on (with the earlier
 # accuracy sweeps); 4B, ZeRO-3's fast recipe and the H200 are out of sample.
 FIT_SWEEPS = ("h100_fast_2b", "h100_fast_stages", "h100_z3_steady", "h100_4b_fit")
@@ -120,6 +120,7 @@ def markdown(rows_: list[dict]) -> str:
              "    bash benchmarks/device_run.sh benchmarks/h100_4b_fit.toml",
              "    bash benchmarks/device_run.sh benchmarks/h100_microbatch.toml",
              "    bash benchmarks/device_run.sh benchmarks/h100_zero2_rows.toml",
+             "    bash benchmarks/device_run.sh benchmarks/h100_4b_zero2.toml",
              "    .venv/bin/python benchmarks/speed_report.py", "",
              "## Before and after, per stage", "",
              "| model | stage | device | before: plain loop MFU | tokens/s | step s | after: fastest measured | MFU | "
@@ -203,7 +204,8 @@ NOTES = """## What the runs say
   weights and gradients, fp32 master weights, Adam's two moments) and the bf16 gradients ZeRO-1
   holds between micro-steps leave about 16 GB, so every layer is recomputed, and MFU does not
   credit recomputation (counting it, the GPU does 49.6 % of its peak in useful FLOPs). ZeRO-0
-  reaches 37.9 % at 4 rows; the H200 (141 GB, no checkpointing) 43.3 %.
+  reaches 37.9 % at 4 rows, ZeRO-2 (also only with the groups: its plain loop runs out of memory
+  at the step too, h100_4b_zero2) 38.0 %; the H200 (141 GB, no checkpointing) 43.3 % under ZeRO-1.
 - More rows per micro-step (h100_4b_fit, h100_microbatch) spread each micro-step's fixed host work
   over more tokens, which the recalibrated model expects; for ZeRO-3, whose per-module gather and
   release hooks run on the host, most of all: 2B 12.5 % (1 row) to 26.4 % (8 rows, checkpointed),

@@ -39,7 +39,8 @@ def _fast_runs(sweep):
 
 @pytest.mark.parametrize("sweep,stages", [("h100_fast_2b", (1,)), ("h100_fast_stages", (0, 2)),
                                           ("h100_fast_4b_stages", (0,)), ("h200_fast_4b", (1,)),
-                                          ("h100_4b_fit", (0, 1)), ("h100_microbatch", (1,))])
+                                          ("h100_4b_fit", (0, 1)), ("h100_microbatch", (1,)),
+                                          ("h100_zero2_rows", (2,)), ("h100_4b_zero2", (2,))])
 def test_tokens_per_s_of_the_fast_configurations_are_within_15_percent(sweep, stages):
     # What recommend plans below ZeRO-3: compiled layers, accumulation, the eager or the fused loss.
     checked = 0
