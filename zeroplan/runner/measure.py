@@ -126,6 +126,45 @@ class StepProfiler:
             handle.write(text)
 
 
+@dataclass
+class MemoryHistory:
+    """The CUDA caching allocator's own event trace, when ZEROPLAN_MEMORY_HISTORY names a file
+    (rank 0 only): torch.cuda.memory._record_memory_history from before the model is built to the
+    end of the run, then every allocator event (alloc, free, segment_alloc, segment_free...) with
+    its size, address and stream, gzip-pickled. What zeroplan's allocator replay
+    (zeroplan.allocator) can be checked against event by event. Off by default (it slows the run)."""
+
+    path: str | None = None
+
+    @classmethod
+    def from_environment(cls, cuda: bool, rank: int) -> "MemoryHistory":
+        import os
+
+        target = os.environ.get("ZEROPLAN_MEMORY_HISTORY")
+        return cls(target if target and cuda and rank == 0 else None)
+
+    def start(self) -> None:
+        if self.path:
+            import torch
+
+            torch.cuda.memory._record_memory_history(enabled="all", context=None, max_entries=4_000_000)
+
+    def dump(self) -> None:
+        if not self.path:
+            return
+        import gzip
+        import pickle
+
+        import torch
+
+        snapshot = torch.cuda.memory._snapshot()
+        torch.cuda.memory._record_memory_history(enabled=None)
+        events = [{key: event.get(key) for key in ("action", "addr", "size", "stream")}
+                  for trace in snapshot.get("device_traces", []) for event in trace]
+        with gzip.open(self.path, "wb") as handle:
+            pickle.dump({"events": events}, handle)
+
+
 class Nvml:
     """NVML's view of this rank's GPU (device memory used, driver), when nvidia-ml-py works."""
 

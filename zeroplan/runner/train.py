@@ -102,6 +102,8 @@ def train(spec: RunSpec, cuda: bool, rank: int, world_size: int, local_rank: int
                                          spec.gradient_accumulation)
     result.update(ds_config=ds_config, ds_config_source=source)
 
+    history = measure.MemoryHistory.from_environment(cuda, rank)
+    history.start()
     model = model_setup.build(spec, profile, ds_config, device)
     model = model_setup.prepare_for_training(model, spec, shape)
     result["speed_options"] = model_setup.speed_up(model, spec)
@@ -142,6 +144,7 @@ def train(spec: RunSpec, cuda: bool, rank: int, world_size: int, local_rank: int
                           peak_reserved_bytes=max(phases.reserved.values()))
     result.update(collect(spec, profile, gpu, meter, init_peaks, step_peaks, world_size))
     result["per_rank_phase_peaks"] = measure.gather_to_all(phases.as_dict())
+    history.dump()
     result.update(measure.environment(cuda, nvml))
 
 
