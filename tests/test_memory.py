@@ -132,9 +132,9 @@ def test_h100_matrix_reserved_peak_from_the_allocator_replay(h100_points):
 
     errors = _errors(h100_points, "peak_reserved", "peak_reserved_bytes")
     assert statistics.median(abs(e) for e in errors) <= 0.02
-    assert min(errors) >= -0.08  # under-estimates (an OOM the plan did not expect)
-    # over-estimates: ZeRO-3 at 4 and 8 rows per micro-step with checkpointing, +6.3 % and +10.0 %
-    assert max(errors) <= 0.11
+    assert min(errors) >= -0.06  # under-estimates (an OOM the plan did not expect): 1B ZeRO-0, -5.7 %
+    # over-estimates: ZeRO-3 at 4 and 8 rows per micro-step with checkpointing, +7.6 % and +8.2 %
+    assert max(errors) <= 0.09
 
 
 def test_rotary_saves_nothing_and_flash_output_is_o_projs_input():
@@ -197,3 +197,29 @@ def test_accumulating_runs_replay_their_micro_steps(h100_points):
     zero1_4b = [(p, m) for p, m in accumulating if p.model.endswith("4B") and p.plan.stage == 1
                 and p.gradient_accumulation == 16]
     assert zero1_4b and all(abs(e) <= 0.01 for e in _errors(zero1_4b, "peak_reserved", "peak_reserved_bytes"))
+
+
+def test_zero2_accumulation_replays_like_the_allocators_own_trace(h100_points):
+    # reports/h100_memhist: the run's CUDA allocator trace makes two gradient-partition segments on
+    # the reduction stream; the replay now makes the same large segments, and every ZeRO-2 run
+    # with accumulation (one was -7.7 %) is within 2 %.
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("memory_history", root / "benchmarks" / "memory_history.py")
+    memory_history = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(memory_history)
+    folder = root / "reports" / "h100_memhist"
+    record = json.loads((folder / "h100_memhist_z2.jsonl").read_text().splitlines()[0])
+    real = memory_history.recorded(folder / "h100_memhist_z2.events.json.gz")
+    model = memory_history.replayed(record)
+    large = memory_history._large
+    assert [round(s["size"] / 1e8) for s in large(model["segments"])] == [
+        round(s["size"] / 1e8) for s in large(real["segments"])]
+    assert abs(model["peak_reserved"] - real["peak_reserved"]) <= 0.01 * real["peak_reserved"]
+    zero2 = [(p, m) for p, m in h100_points if p.plan.stage == 2 and p.gradient_accumulation > 1
+             and p.plan.offload_optimizer == "none"]
+    assert len(zero2) >= 4
+    assert all(abs(e) <= 0.02 for e in _errors(zero2, "peak_reserved", "peak_reserved_bytes"))

@@ -247,13 +247,10 @@ def reserved_bytes(profile: ModelProfile, shape: TrainShape, plan: Plan, states:
     split by smaller live tensors gets a new segment; nothing here is fitted to measurements."""
     # ZeRO-1 and ZeRO-2 allocate alike in DeepSpeed 0.19.8 (same partition, buckets and step), so
     # their replays are one.
-    # That holds with accumulation too: the ZeRO-2 runs at 16 micro-steps per step replay within
-    # 0.2 % as ZeRO-1 (holding every .grad to the boundary) and 5.6 % under as reducing every
-    # micro-step (reports/h100_fast_stages). Not with the optimizer offloaded: ZeRO-2 then sends
-    # the gradients to the host at every micro-step, ZeRO-1 holds them to the boundary
-    # (reports/h100_offload_accum).
-    offloaded = plan.offload_optimizer != "none" and accumulation > 1
-    replayed_plan = replace(plan, stage=1) if plan.stage == 2 and not offloaded else plan
+    # Not with accumulation: ZeRO-1 holds every .grad to the boundary, ZeRO-2 reduces every
+    # micro-step (two gradient partitions alive on the GPU, or the gradients sent to the host
+    # with the optimizer offloaded).
+    replayed_plan = replace(plan, stage=1) if plan.stage == 2 and accumulation == 1 else plan
     return _replayed(profile, shape, replayed_plan, states, buffers if plan.stage in (1, 2) else 0, capacity,
                      step_tiles, compiled, accumulation)
 

@@ -41,6 +41,7 @@ class ZeroEvents:
     first_micro: bool = True
     held: list = field(default_factory=list)
     produced: int = 0
+    previous_partition: str | None = None
 
     def init(self) -> None:
         """What the engine holds and caches before the first step (checked against the runs'
@@ -55,7 +56,7 @@ class ZeroEvents:
         cached (no empty_cache follows); the fp32 master slice (`.clone().float()` of the bf16
         slice) and, in initialize_optimizer_states, a zero fp32 gradient freed again. Stage 3:
         the flat bf16 shards (defragment empties the cache first), fp32 master per sub-group
-        (`.clone().float()`), a zero fp32 buffer of the largest sub-group (initialize_optimizer_
+        (an fp32 conversion, then its clone), a zero fp32 buffer of the largest sub-group (initialize_optimizer_
         states, freed), then the bf16 gradient partition and the reduce bucket. Under stages 1-3
         torch AdamW makes its states at the first real step."""
         trace, states, plan = self.trace, self.states, self.plan
@@ -101,9 +102,11 @@ class ZeroEvents:
         trace.malloc("bit16_shards", states.params)
         sub_groups = stage3_sub_group_elems(self.profile, self.shape, plan)
         for elems in () if offload else sub_groups:
-            clone = trace.malloc("partition.clone", BF16 * elems)
+            # _create_fp32_partitions: `.to(device, dtype=fp32)` then `.clone()` of that, the
+            # converted copy freed (the allocator's trace: reports/h100_memhist)
+            converted = trace.malloc("partition.fp32", FP32 * elems)
             trace.malloc("master", FP32 * elems)
-            trace.free(clone)
+            trace.free(converted)
         if not offload:
             trace.free(trace.malloc("init_grad", FP32 * max(sub_groups, default=0)))
         trace.malloc("grad_partitions", states.grads)
@@ -131,8 +134,10 @@ class ZeroEvents:
         reduces it into its preallocated partition. Either way the gradient itself is released.
         With accumulation, ZeRO-0 and ZeRO-1 keep the `.grad` between micro-steps (ZeRO-1 reduces
         only at the boundary: reduce_ready_partitions_and_remove_grads). ZeRO-2 reduces every
-        micro-step and releases its buckets at each backward's end; with the optimizer on the GPU
-        zeroplan.memory replays it as ZeRO-1, which its measured runs follow."""
+        micro-step: each `.grad` is a view of that micro-step's grads_in_partition, so the next
+        micro-step, which adds into it and copies the sum into a new grads_in_partition, holds
+        two of them on the reduction stream until its backward ends (the allocator's own trace:
+        reports/h100_memhist)."""
         if self.plan.stage == 0:
             if self.first_micro:
                 self.grads.append((grad, elems))
@@ -202,9 +207,16 @@ class ZeroEvents:
             self._reduce_scatter()
         if self.plan.stage in (1, 2):
             self._offload_bucket()
-            if self.plan.stage == 2 and not self.boundary:  # _release_ipg_buffers at every epilogue
-                self.trace.free(*self.buckets)
-                self.buckets, self.filled = [], 0
+            if self.plan.stage == 2:
+                # The previous micro-step's partition goes once every .grad viewing it has been
+                # reduced into this one's; _release_ipg_buffers at every epilogue drops the
+                # buckets and forgets the partition, which the .grads (views of it) keep alive.
+                self.trace.free(*([self.previous_partition] if self.previous_partition else []))
+                self.previous_partition = None
+                if not self.boundary:
+                    self.trace.free(*self.buckets)
+                    self.buckets, self.filled = [], 0
+                    self.previous_partition, self.partition = self.partition, None
         if self.plan.stage != 0 or not self.boundary:
             return
         bucket = 0

@@ -126,12 +126,15 @@ class StepProfiler:
             handle.write(text)
 
 
+EVENT_FIELDS = ("action", "addr", "size", "stream")
+
+
 @dataclass
 class MemoryHistory:
     """The CUDA caching allocator's own event trace, when ZEROPLAN_MEMORY_HISTORY names a file
     (rank 0 only): torch.cuda.memory._record_memory_history from before the model is built to the
     end of the run, then every allocator event (alloc, free, segment_alloc, segment_free...) with
-    its size, address and stream, gzip-pickled. What zeroplan's allocator replay
+    its size, address and stream, as gzipped JSON. What zeroplan's allocator replay
     (zeroplan.allocator) can be checked against event by event. Off by default (it slows the run)."""
 
     path: str | None = None
@@ -153,16 +156,16 @@ class MemoryHistory:
         if not self.path:
             return
         import gzip
-        import pickle
+        import json
 
         import torch
 
         snapshot = torch.cuda.memory._snapshot()
         torch.cuda.memory._record_memory_history(enabled=None)
-        events = [{key: event.get(key) for key in ("action", "addr", "size", "stream")}
-                  for trace in snapshot.get("device_traces", []) for event in trace]
-        with gzip.open(self.path, "wb") as handle:
-            pickle.dump({"events": events}, handle)
+        events = [[event.get(key) for key in EVENT_FIELDS] for trace in snapshot.get("device_traces", [])
+                  for event in trace]
+        with gzip.open(self.path, "wt", encoding="utf-8") as handle:
+            json.dump({"fields": list(EVENT_FIELDS), "events": events}, handle)
 
 
 class Nvml:
