@@ -35,7 +35,7 @@ def recorded(path: Path) -> dict:
     """Segments (size, stream, the request that made it) and peaks from the recorded trace."""
     with gzip.open(path, "rt", encoding="utf-8") as handle:
         data = json.load(handle)
-    events = [dict(zip(data["fields"], event)) for event in data["events"]]
+    events = [dict(zip(data["fields"] + ["frames"], event)) for event in data["events"]]
     allocated = reserved = peak_allocated = peak_reserved = 0
     segments, pending = [], None
     for event in events:

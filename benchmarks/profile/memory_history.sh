@@ -6,7 +6,7 @@
 set -u
 export PYTHONPATH=/tmp/site:$PWD NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 for v in ${@:-z2 z3}; do
-  ZEROPLAN_MEMORY_HISTORY=$OUT/h100_memhist_$v.events.json.gz timeout -s INT 240 python3 -m zeroplan bench \
+  ZEROPLAN_MEMORY_HISTORY=$OUT/h100_memhist_$v.events.json.gz ZEROPLAN_MEMORY_HISTORY_STACKS=${STACKS:-} timeout -s INT 240 python3 -m zeroplan bench \
     --sweep benchmarks/profile/h100_memhist_$v.toml --results "$OUT/h100_memhist_$v.jsonl" 2>&1 | grep -v "━" | tail -n 3
 done
 ls -la $OUT

@@ -129,6 +129,14 @@ class StepProfiler:
 EVENT_FIELDS = ("action", "addr", "size", "stream")
 
 
+def _frames(event: dict, keep: int = 12) -> list[str]:
+    """The innermost Python frames of an allocator event, outside torch's own files."""
+    frames = [f"{frame.get('filename', '')}:{frame.get('line', '')} {frame.get('name', '')}"
+              for frame in event.get("frames") or [] if "/torch/" not in frame.get("filename", "")
+              and frame.get("filename", "").endswith(".py")]
+    return frames[:keep]
+
+
 @dataclass
 class MemoryHistory:
     """The CUDA caching allocator's own event trace, when ZEROPLAN_MEMORY_HISTORY names a file
@@ -148,9 +156,13 @@ class MemoryHistory:
 
     def start(self) -> None:
         if self.path:
+            import os
+
             import torch
 
-            torch.cuda.memory._record_memory_history(enabled="all", context=None, max_entries=4_000_000)
+            stacks = bool(os.environ.get("ZEROPLAN_MEMORY_HISTORY_STACKS"))
+            torch.cuda.memory._record_memory_history(enabled="all", context="alloc" if stacks else None,
+                                                     stacks="python", max_entries=4_000_000)
 
     def dump(self) -> None:
         if not self.path:
@@ -162,8 +174,11 @@ class MemoryHistory:
 
         snapshot = torch.cuda.memory._snapshot()
         torch.cuda.memory._record_memory_history(enabled=None)
-        events = [[event.get(key) for key in EVENT_FIELDS] for trace in snapshot.get("device_traces", [])
-                  for event in trace]
+        # With ZEROPLAN_MEMORY_HISTORY_STACKS set, allocations of 1 MiB and more keep the innermost
+        # Python frames that made them ("file:line function"), to name what the sizes cannot.
+        events = [[event.get(key) for key in EVENT_FIELDS]
+                  + ([_frames(event)] if event.get("frames") and (event.get("size") or 0) >= 1 << 20 else [])
+                  for trace in snapshot.get("device_traces", []) for event in trace]
         with gzip.open(self.path, "wt", encoding="utf-8") as handle:
             json.dump({"fields": list(EVENT_FIELDS), "events": events}, handle)
 
