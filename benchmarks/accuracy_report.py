@@ -175,6 +175,9 @@ def render(rows: list[dict], device: str, when: str) -> str:
         f"{sum(1 for r in ok if r['error_allocated'] < -0.05)} of {len(ok)} (every finished run)",
         f"- peak reserved, every run, calibrated: {summary([r['error_reserved_calibrated'] for r in ok])}; "
         f"uncalibrated: {summary([r['error_reserved_uncalibrated'] for r in ok])}",
+        f"- peak reserved, runs with exactly the spec's tiles: "
+        f"{summary([r['error_reserved_calibrated'] for r in fixed])}; runs whose draws are reconstructed "
+        f"or recorded: {summary([r['error_reserved_calibrated'] for r in ok if r not in fixed])}",
         f"- under-estimates of peak reserved by more than 5 %: "
         f"{sum(1 for r in ok if r['error_reserved_calibrated'] < -0.05)} of {len(ok)}",
         f"- NVML peak used (reserved + CUDA context), calibrated: "

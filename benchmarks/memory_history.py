@@ -148,7 +148,14 @@ FINDINGS = """What the traces showed (2026-11-25, NVIDIA H100 80GB HBM3), and wh
 - ZeRO-3 set-up: per optimizer sub-group DeepSpeed converts the bf16 shard to fp32 and then clones
   that (two fp32 blocks, the first freed), not a bf16 clone then an fp32 conversion. Replayed so
   now; the 1B ZeRO-3 run under-estimated by 7.1 % is within 0.1 %.
-- ZeRO-3 at 8 rows per micro-step (over-estimated by 8.2 % after those changes): the replay makes
+- 1B ZeRO-0 (under-estimated by 5.7 %): a persistent 32 MiB block lands inside a freed 2.5 GB
+  loss block during the first backward and splits it for good, so a later step's loss needs a new
+  2.5 GB segment. It is cuBLAS's workspace (CUBLAS_WORKSPACE_CONFIG's default 8 × 4 MiB), which
+  the caching allocator hands out at a thread's first matrix product and never gets back: one for
+  the forward's Python thread, one for autograd's backward thread (allocated between the LM head's
+  weight and input gradients). Replayed so now: the 1B ZeRO-0 and ZeRO-1 traces (z0, z1) are
+  reproduced within 0.3 %.
+- ZeRO-3 at 8 rows per micro-step (over-estimated by 6.8 % after those changes): the replay makes
   segments for the decoder layers' mid-size temporaries (RMSNorm's fp32 copies, 0.13-0.54 GB) that
   the run serves from cached blocks; not resolved."""
 

@@ -108,6 +108,23 @@ def _h100_points():
     return out
 
 
+def _tiles_known() -> list[bool]:
+    """Per point of _h100_points, in its order: whether its steps' tiles are known exactly."""
+    import glob
+    import json
+
+    from zeroplan.calibrate import points_from_records
+    from zeroplan.records import drawn_tiles
+
+    out = []
+    for path in sorted(glob.glob("reports/h100_*/results.jsonl")):
+        for line in open(path):
+            record = json.loads(line)
+            source = drawn_tiles(record)[1]
+            out += [source.startswith(("recorded", "spec (fixed"))] * len(points_from_records([record]))
+    return out
+
+
 @pytest.fixture(scope="module")
 def h100_points():
     return _h100_points()
@@ -132,9 +149,16 @@ def test_h100_matrix_reserved_peak_from_the_allocator_replay(h100_points):
 
     errors = _errors(h100_points, "peak_reserved", "peak_reserved_bytes")
     assert statistics.median(abs(e) for e in errors) <= 0.02
-    assert min(errors) >= -0.06  # under-estimates (an OOM the plan did not expect): 1B ZeRO-0, -5.7 %
-    # over-estimates: ZeRO-3 at 4 and 8 rows per micro-step with checkpointing, +7.6 % and +8.2 %
-    assert max(errors) <= 0.09
+    # Runs whose every step's tiles are known (recorded, or fixed by the spec): the replay sees
+    # the run's own allocations. Under-estimates (an OOM the plan did not expect) stay within 4 %;
+    # over-estimates, ZeRO-3 at 4 and 8 rows per micro-step with checkpointing, within 7 %.
+    known = [e for e, exact in zip(errors, _tiles_known()) if exact]
+    assert len(known) >= 55
+    assert min(known) >= -0.04 and max(known) <= 0.07
+    # Older runs whose tile draws are reconstructed (zeroplan.records): two 1B ZeRO-1/2 runs at 2
+    # samples are 12.5 % under (the same configuration re-measured with the allocator's own trace
+    # is reproduced exactly: reports/h100_memhist, z1).
+    assert min(errors) >= -0.13 and max(errors) <= 0.08
 
 
 def test_rotary_saves_nothing_and_flash_output_is_o_projs_input():
@@ -219,6 +243,12 @@ def test_zero2_accumulation_replays_like_the_allocators_own_trace(h100_points):
     assert [round(s["size"] / 1e8) for s in large(model["segments"])] == [
         round(s["size"] / 1e8) for s in large(real["segments"])]
     assert abs(model["peak_reserved"] - real["peak_reserved"]) <= 0.01 * real["peak_reserved"]
+    # and the 1B ZeRO-0 and ZeRO-1 traces, whose replays needed cuBLAS's two persistent workspaces
+    for name in ("h100_memhist_z0", "h100_memhist_z1"):
+        record = json.loads((folder / f"{name}.jsonl").read_text().splitlines()[0])
+        real = memory_history.recorded(folder / f"{name}.events.json.gz")
+        model = memory_history.replayed(record)
+        assert abs(model["peak_reserved"] - real["peak_reserved"]) <= 0.01 * real["peak_reserved"], name
     zero2 = [(p, m) for p, m in h100_points if p.plan.stage == 2 and p.gradient_accumulation > 1
              and p.plan.offload_optimizer == "none"]
     assert len(zero2) >= 4

@@ -33,6 +33,10 @@ MEDIUM_REQUEST = 10 * MIB
 ROUND = 512
 LARGE_ROUND = 2 * MIB
 MAIN_STREAM, REDUCTION_STREAM = 0, 1
+# cuBLAS's workspace per handle (CUBLAS_WORKSPACE_CONFIG's default :4096:8, 8 × 4 MiB), taken from
+# the caching allocator at a thread's first matrix product and kept: one for the Python thread's
+# forward, one for autograd's backward thread.
+CUBLAS_WORKSPACE = 8 * 4 * MIB
 
 
 def round_size(size: int) -> int:
@@ -186,6 +190,13 @@ class Trace:
     events: list = field(default_factory=list)
     live: set = field(default_factory=set)
     counter: int = 0
+    persistent: dict = field(default_factory=dict)
+
+    def once(self, name: str, size: int, stream: int = MAIN_STREAM) -> str:
+        """A block made the first time it is asked for and never freed (a library's workspace)."""
+        if name not in self.persistent:
+            self.persistent[name] = self.malloc(name, size, stream)
+        return self.persistent[name]
 
     def malloc(self, name: str, size: int, stream: int = MAIN_STREAM) -> str:
         self.counter += 1

@@ -14,7 +14,7 @@ DeepSpeed 0.19.8's model states, buckets and optimizer step (zeroplan.zero_event
 from __future__ import annotations
 
 from zeroplan.activations import BF16, FP32
-from zeroplan.allocator import Trace
+from zeroplan.allocator import CUBLAS_WORKSPACE, Trace
 from zeroplan.partition import ModelStateBytes
 from zeroplan.plan import Plan, TrainShape
 from zeroplan.profiles import ModelProfile
@@ -98,6 +98,7 @@ def _llm_layer_backward(trace: Trace, profile: ModelProfile, shape: TrainShape, 
     """Reverse walk of one decoder layer: each sublayer's input gradient, its weight gradients
     (handed to `weight_grad`), and the release of what it saved. Liger's SwiGLU and RMSNorm write
     their input gradients over saved buffers (in place)."""
+    trace.once("cublas_workspace.backward", CUBLAS_WORKSPACE)  # autograd's thread, first product
     llm, liger = profile.llm, shape.kernels == "liger"
     fused = liger or compiled
     tokens = shape.micro_batch * shape.seq_len
@@ -240,9 +241,13 @@ def _loss(trace: Trace, profile: ModelProfile, shape: TrainShape, plan: Plan, de
         grad_logits = trace.malloc("g.logits.bf16", BF16 * tokens * llm.vocab_size)
         trace.free(grad_log_softmax)
         gather = gathered(trace, plan, head_elems)
+        # linear's backward: the weight gradient, then (at autograd's thread's first product)
+        # cuBLAS's workspace, then the input gradient (the allocator's own trace: reports/h100_memhist)
+        head_grad = trace.malloc("grad.lm_head", BF16 * head_elems) if shape.trains("llm") else None
+        trace.once("cublas_workspace.backward", CUBLAS_WORKSPACE)
         grad = trace.malloc("g.lm_head_in", BF16 * tokens * llm.hidden_size)
-        if shape.trains("llm"):
-            deepspeed.weight_grad("lm_head", head_elems)
+        if head_grad is not None:
+            deepspeed.adopt_grad("lm_head", head_elems, head_grad)
         trace.free(grad_logits, gather)
     return _norm_backward(trace, tokens, llm.hidden_size, final_saved, grad, "", liger_norm)
 
@@ -286,6 +291,7 @@ def _one_step(trace: Trace, profile: ModelProfile, shape: TrainShape, plan: Plan
                        + 3 * llm.hidden_size * llm.intermediate_size)
     head_elems = llm.vocab_size * llm.hidden_size
 
+    trace.once("cublas_workspace.forward", CUBLAS_WORKSPACE)
     hidden = trace.malloc("patch_embed", BF16 * patch_tokens * vision.hidden_size)
     vision_saved, vision_inputs = [], []
     for _ in range(vision.num_layers):
@@ -359,5 +365,6 @@ def _one_step(trace: Trace, profile: ModelProfile, shape: TrainShape, plan: Plan
             deepspeed.weight_grad("vision_layer", vision_layer_elems)
             trace.free(gather)
         trace.free(grad)
-    kept = set(deepspeed.buckets) | {grad for grad, _ in deepspeed.grads} | {deepspeed.partition} | set(deepspeed.held)
+    kept = (set(deepspeed.buckets) | {grad for grad, _ in deepspeed.grads} | {deepspeed.partition}
+            | set(deepspeed.held) | set(trace.persistent.values()))
     trace.free(*sorted(trace.live - before - kept))
