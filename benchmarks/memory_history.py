@@ -14,7 +14,6 @@ from __future__ import annotations
 import gzip
 import json
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 from zeroplan import memory as M
@@ -25,7 +24,6 @@ from zeroplan.jsonl import read
 from zeroplan.profiles import load_gpu
 from zeroplan.records import record_profile, record_shape, step_tiles
 from zeroplan.runner.spec import RunSpec
-from zeroplan.step_events import training_events
 
 GB = 1e9
 LARGE = 20 * 2**20  # segments above the 20 MiB default are made for one request
@@ -82,18 +80,12 @@ class _Recording(CachingAllocator):
 
 
 def replayed(record: dict) -> dict:
-    """The same run through zeroplan.memory's replay (as `estimate` makes it)."""
+    """The same run through zeroplan.memory's replay (the events `estimate` replays)."""
     spec = RunSpec.from_dict(record["spec"])
     gpu = load_gpu("h100")
     profile, shape = record_profile(record), record_shape(record)
-    plan = tuned_plan(profile, shape, spec.plan())
-    flat = replace(shape, micro_batch=1, grad_ckpt=False, ckpt_layers=None)
-    states = M._most_loaded_rank_states(profile, flat, plan)
-    buffers = M.communication_buffer_bytes(profile, plan, states.partition_elems * plan.world_size)
-    replayed_plan = replace(plan, stage=1) if plan.stage == 2 and spec.gradient_accumulation == 1 else plan
-    events = training_events(profile, shape, replayed_plan, states, buffers if plan.stage in (1, 2) else 0,
-                             steps=M.RUNNER_STEPS, step_tiles=step_tiles(record), compiled=spec.compile,
-                             accumulation=min(spec.gradient_accumulation, 3))
+    events = M.replayed_events(profile, shape, tuned_plan(profile, shape, spec.plan()), step_tiles(record),
+                               spec.compile, spec.gradient_accumulation)
     allocator = _Recording(capacity=gpu.memory_bytes - int(gpu.calibrated["cuda_context_bytes"]))
     for event in events:
         if event[0] == "malloc":

@@ -255,14 +255,29 @@ def reserved_bytes(profile: ModelProfile, shape: TrainShape, plan: Plan, states:
                      step_tiles, compiled, accumulation)
 
 
+def replayed_events(profile: ModelProfile, shape: TrainShape, plan: Plan, step_tiles: tuple[int, ...] | None = None,
+                    compiled: bool = False, accumulation: int = 1) -> list:
+    """The allocations and frees `estimate` replays for a run (for tools that set them beside the
+    CUDA allocator's own trace: benchmarks/memory_history.py)."""
+    flat = replace(shape, micro_batch=1, grad_ckpt=False, ckpt_layers=None)
+    states = _most_loaded_rank_states(profile, flat, plan)
+    buffers = communication_buffer_bytes(profile, plan, states.partition_elems * plan.world_size)
+    replayed_plan = replace(plan, stage=1) if plan.stage == 2 and accumulation == 1 else plan
+    return _events(profile, shape, replayed_plan, states, buffers if plan.stage in (1, 2) else 0, step_tiles,
+                   compiled, accumulation)
+
+
+def _events(profile, shape, plan, states, buffers, step_tiles, compiled, accumulation) -> list:
+    return training_events(profile, shape, plan, states, buffers, steps=RUNNER_STEPS, step_tiles=step_tiles,
+                           compiled=compiled, accumulation=min(accumulation, 3))
+
+
 @lru_cache(maxsize=512)
 def _replayed(profile: ModelProfile, shape: TrainShape, plan: Plan, states: ModelStateBytes, buffers: int,
               capacity: int, step_tiles: tuple[int, ...] | None, compiled: bool,
               accumulation: int = 1) -> tuple[int, int]:
     """The replay itself, cached: the planner asks for the same shape under many plans."""
-    events = training_events(profile, shape, plan, states, buffers, steps=RUNNER_STEPS, step_tiles=step_tiles,
-                             compiled=compiled, accumulation=min(accumulation, 3))
-    allocator = replay(events, capacity)
+    allocator = replay(_events(profile, shape, plan, states, buffers, step_tiles, compiled, accumulation), capacity)
     return allocator.peak_reserved, allocator.peak_allocated
 
 
