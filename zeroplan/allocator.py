@@ -64,6 +64,14 @@ class _Block:
         self.next: _Block | None = None
 
 
+def _absorb(left: "_Block", right: "_Block") -> None:
+    """Merge `right` into its free neighbour `left` (same segment, `right` just after it)."""
+    left.size += right.size
+    left.next = right.next
+    if right.next is not None:
+        right.next.prev = left
+
+
 @dataclass
 class CachingAllocator:
     """A replay of the caching allocator; `reserved`/`allocated` are bytes, `peak_*` their highs."""
@@ -96,29 +104,16 @@ class CachingAllocator:
         block, pool = self._live.pop(key)
         self.allocated -= block.size
         block.free = True
-        keys, blocks = self._free[pool]
         after = block.next
         if after is not None and after.free:
-            index = (after.size, after.segment, after.offset)
-            del keys[bisect.bisect_left(keys, index)]
-            del blocks[index]
-            block.size += after.size
-            block.next = after.next
-            if after.next is not None:
-                after.next.prev = block
+            self._unlist(pool, after)
+            _absorb(block, after)
         before = block.prev
         if before is not None and before.free:
-            index = (before.size, before.segment, before.offset)
-            del keys[bisect.bisect_left(keys, index)]
-            del blocks[index]
-            before.size += block.size
-            before.next = block.next
-            if block.next is not None:
-                block.next.prev = before
+            self._unlist(pool, before)
+            _absorb(before, block)
             block = before
-        index = (block.size, block.segment, block.offset)
-        bisect.insort(keys, index)
-        blocks[index] = block
+        self._list(pool, block)
 
     def is_live(self, key: object) -> bool:
         """Whether `key` holds a block."""

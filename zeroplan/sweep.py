@@ -116,16 +116,13 @@ def expand(grid: Grid) -> list[RunSpec]:
         offload_optimizer, offload_params = OFFLOADS[offload]
         if (offload_optimizer != "none" and stage == 0) or (offload_params != "none" and stage != 3):
             continue
+        run = {key: getattr(grid, key) for key in RUN_KEYS}
+        # where possible, as with offloads: layer counts need checkpointing, groups ZeRO-1/2
+        run["ckpt_layers"] = grid.ckpt_layers if grad_ckpt else None
+        run["optimizer_group_elems"] = grid.optimizer_group_elems if stage in (1, 2) else 0
         spec = RunSpec(model=model, stage=stage, micro_batch=micro_batch, seq_len=seq_len, tiles=tiles,
                        grad_ckpt=grad_ckpt, frozen=tuple(frozen), lora_rank=lora_rank,
-                       offload_optimizer=offload_optimizer, offload_params=offload_params,
-                       steps=grid.steps, warmup_steps=grid.warmup_steps, gpu=grid.gpu, dataset=grid.dataset,
-                       seed=grid.seed, attn_implementation=grid.attn_implementation, packed=grid.packed,
-                       fixed_tiles=grid.fixed_tiles, kernels=grid.kernels, compile=grid.compile,
-                       gradient_accumulation=grid.gradient_accumulation,
-                       vocab_multiple=grid.vocab_multiple, world_size=grid.world_size,
-                       ckpt_layers=grid.ckpt_layers if grad_ckpt else None,
-                       optimizer_group_elems=grid.optimizer_group_elems if stage in (1, 2) else 0)
+                       offload_optimizer=offload_optimizer, offload_params=offload_params, **run)
         if spec.point_id() not in seen:
             seen.add(spec.point_id())
             specs.append(spec)
