@@ -5,7 +5,7 @@ beside the measured step times. Pure zeroplan core, no GPU needed:
     .venv/bin/python benchmarks/accuracy_report.py            # writes reports/accuracy/
 
 The calibration came from the sweeps in CALIBRATION_SWEEPS (see the [calibrated]
-table of profiles/gpus/h100-80gb.toml); the other sweeps are out of sample for it.
+table of zeroplan/profiles/gpus/h100-80gb.toml); the other sweeps are out of sample for it.
 """
 
 from __future__ import annotations
@@ -17,14 +17,14 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from zeroplan.atomic import write_files_atomic
-from zeroplan.calibrate import points_from_records
-from zeroplan.jsonl import read
-from zeroplan.memory import estimate
-from zeroplan.profiles import load_gpu
-from zeroplan.records import drawn_tiles, record_profile
-from zeroplan.stepfit import predicted_step_s, steady, timed_run
-from zeroplan.steptime import step_time
+from zeroplan.core.atomic import write_files_atomic
+from zeroplan.lab.calibrate import points_from_records
+from zeroplan.lab.jsonl import read
+from zeroplan.core.memory import estimate
+from zeroplan.core.profiles import load_gpu
+from zeroplan.lab.records import drawn_tiles, record_profile
+from zeroplan.lab.stepfit import predicted_step_s, steady, timed_run
+from zeroplan.core.steptime import step_time
 
 CALIBRATION_SWEEPS = ("h100_check", "h100_matrix_long", "h100_stages_4b", "h100_stages", "h100_matrix_short",
                       "h100_fast_2b", "h100_fast_stages", "h100_z3_steady", "h100_4b_fit")
@@ -46,7 +46,7 @@ def rows_for(sweep: Path, calibrated, plain) -> list[dict]:
         steps, accumulation = point.step_tiles, point.gradient_accumulation
         with_cal = estimate(profile, point.shape, point.plan, calibrated, steps, accumulation, point.compiled)
         without = estimate(profile, point.shape, point.plan, plain, steps, accumulation, point.compiled)
-        # The step-time model sees a run as zeroplan calibrate's fit does (zeroplan.stepfit.timed_run:
+        # The step-time model sees a run as zeroplan calibrate's fit does (zeroplan.lab.stepfit.timed_run:
         # the tiles its samples drew on average, since time follows the work done).
         timed = timed_run(record, calibrated) if status == "ok" else None
         if timed is not None:
@@ -153,16 +153,16 @@ def render(rows: list[dict], device: str, when: str) -> str:
         "`torch.cuda.max_memory_reserved()`; NVML = the peak 'used' memory NVML reported; DeepSpeed's estimator = "
         "`estimate_zero2/3_model_states_mem_needs` for the run's stage (model states only, so its error shows what "
         "it leaves out)",
-        "- predicted allocated: zeroplan.memory's phases over zeroplan.activations' saved tensors; predicted reserved: "
-        "the caching allocator's rules (zeroplan.allocator) replayed over the steps' allocations and frees "
-        "(zeroplan.step_events); nothing in either is fitted to these runs",
-        "- calibrated = the [calibrated] constants of profiles/gpus/h100-80gb.toml, measured by `zeroplan calibrate` "
+        "- predicted allocated: zeroplan.core.memory's phases over zeroplan.core.activations' saved tensors; predicted reserved: "
+        "the caching allocator's rules (zeroplan.core.allocator) replayed over the steps' allocations and frees "
+        "(zeroplan.core.step_events); nothing in either is fitted to these runs",
+        "- calibrated = the [calibrated] constants of zeroplan/profiles/gpus/h100-80gb.toml, measured by `zeroplan calibrate` "
         f"on {', '.join(CALIBRATION_SWEEPS)} (the CUDA context, so it moves the NVML-level peak; reserved memory "
-        "differs only through the usable capacity; and the step-time constants, zeroplan.stepfit); uncalibrated = "
-        "the same profile without them (step time then takes zeroplan.steptime's defaults)",
+        "differs only through the usable capacity; and the step-time constants, zeroplan.lab.stepfit); uncalibrated = "
+        "the same profile without them (step time then takes zeroplan.core.steptime's defaults)",
         "- tiles: the runs before commit 7f0861d drew 4-10 tiles per sample around the spec's 7 (`~`); each run is "
         "predicted for its largest micro-batch, from the recorded `step_tiles` or, for older records, the runner's "
-        "draw replayed and checked against the recorded `tiles_per_sample` (zeroplan.records); the replayed allocator "
+        "draw replayed and checked against the recorded `tiles_per_sample` (zeroplan.lab.records); the replayed allocator "
         "also gets every step's tiles",
         "",
         "## Summary",
@@ -188,7 +188,7 @@ def render(rows: list[dict], device: str, when: str) -> str:
         f"- step time, calibrated: {summary([r['error_step_calibrated'] for r in timed])}; "
         f"uncalibrated: {summary([r['error_step_uncalibrated'] for r in timed])} (runs without offload, "
         f"the {sum(1 for r in ok if not r['steady'])} ZeRO-3 runs timed after fewer than 4 warm-up micro-steps "
-        "left out: zeroplan.stepfit.steady, and ZeRO-3 with compiled layers, which zeroplan never plans)",
+        "left out: zeroplan.lab.stepfit.steady, and ZeRO-3 with compiled layers, which zeroplan never plans)",
     ]
     ooms = [r for r in rows if r["status"] == "oom"]
     predicted_oom = sum(1 for r in ooms if r["predicted_peak_calibrated"] > r["capacity"])

@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--load-pause-s", type=float, default=30.0)
     parser.add_argument("--notes", type=Path, help="a markdown file whose text is added to the README")
     args = parser.parse_args(argv)
-    from zeroplan.atomic import write_files_atomic
+    from zeroplan.core.atomic import write_files_atomic
 
     seen = wait_for_quiet(args.max_load, args.load_tries, args.load_pause_s)
     load_before = round(os.getloadavg()[0], 2)

@@ -6,7 +6,7 @@ with a backend that runs AOTAutograd with `min_cut_rematerialization_partition` 
 forward graph's extra outputs (the saved values; parameters left out). The LLM layer keeps the
 layer input, each RMSNorm's fp32 rsqrt and bf16 output, o_proj's output (to recompute the
 residual), rotated q and k, v, the attention output and log-sum-exp, gate, up and their product:
-zeroplan.activations' `compiled` count. The vision layer keeps what it keeps in eager mode.
+zeroplan.core.activations' `compiled` count. The vision layer keeps what it keeps in eager mode.
 
     .venv/bin/python benchmarks/compiled_saved_tensors.py 2b
 """
@@ -21,7 +21,7 @@ from torch._functorch.aot_autograd import aot_module_simplified
 from torch._functorch.partitioners import min_cut_rematerialization_partition
 
 from zeroplan.adapters.hf_model import build_model
-from zeroplan.profiles import load_model
+from zeroplan.core.profiles import load_model
 
 
 def saved_values(module, *args, **kwargs) -> list[tuple[str, tuple, str, int]]:

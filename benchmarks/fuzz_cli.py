@@ -10,7 +10,7 @@ runs them for many more invocations:
     .venv/bin/python benchmarks/fuzz_cli.py --invocations 10000 --out reports/fuzz
 
 Two things are replaced so the run stays in-process and never trains: `bench` never launches a
-point (zeroplan.bench.run_process answers "error" at once), and recommend's DeepSpeed validation
+point (zeroplan.lab.bench.run_process answers "error" at once), and recommend's DeepSpeed validation
 runs in this process instead of a child (the same validate_config the child calls).
 """
 
@@ -85,10 +85,10 @@ VALID_SPEC = '[[config]]\nmodel = "tiny"\ngpus = 2\nstage = 2\nmicro_batch = 1\n
 def make_fixtures(folder: Path) -> dict[str, Path]:
     """The shared input files: valid ones (so runs reach deep code) and hostile ones."""
     folder.mkdir(parents=True, exist_ok=True)
-    tiny = (ROOT / "profiles/models/tiny-internvl.toml").read_text()
+    tiny = (ROOT / "zeroplan/profiles/models/tiny-internvl.toml").read_text()
     files = {
         "model.toml": tiny,
-        "gpu.toml": (ROOT / "profiles/gpus/h100-80gb.toml").read_text(),
+        "gpu.toml": (ROOT / "zeroplan/profiles/gpus/h100-80gb.toml").read_text(),
         "ds.json": json.dumps(VALID_DS_CONFIG),
         "results.jsonl": json.dumps(VALID_RECORD) + "\n" + json.dumps({**VALID_RECORD, "point_id": "p1", "stage": 3}) + "\n",
         "sweep.toml": VALID_SWEEP,
@@ -258,11 +258,11 @@ def _options(fixtures: dict[str, Path]) -> dict[str, tuple[list, list[Option]]]:
     model = st.one_of(st.sampled_from(["tiny", "1b", "2b", "8b", "78b", "40b", "InternVL2_5-8B"]),
                       _paths(fixtures, "model.toml"))
     model_bad = st.one_of(_hostile_value(), _hostile_paths(fixtures),
-                          _gen(".toml", _mutated_toml((ROOT / "profiles/models/tiny-internvl.toml").read_text())),
+                          _gen(".toml", _mutated_toml((ROOT / "zeroplan/profiles/models/tiny-internvl.toml").read_text())),
                           _gen(".json", _mutated_json({"name": "x", "vision": "tiny-vit", "downsample_ratio": 0.5})))
     gpu = st.one_of(st.sampled_from(["h100-80gb", "a100-40gb", "rtx4090", "H100", "l40s"]), _paths(fixtures, "gpu.toml"))
     gpu_bad = st.one_of(_hostile_value(), _hostile_paths(fixtures),
-                        _gen(".toml", _mutated_toml((ROOT / "profiles/gpus/h100-80gb.toml").read_text())))
+                        _gen(".toml", _mutated_toml((ROOT / "zeroplan/profiles/gpus/h100-80gb.toml").read_text())))
     num, text = _numbers(), _hostile_value()
     cluster = [Option("--gpus", st.sampled_from(["1", "2", "8", "16", "64"]), num),
                Option("--nodes", st.sampled_from(["1", "2"]), num),
@@ -479,8 +479,8 @@ class InProcessValidator:
 
 
 def never_launch(command, log_path, timeout_s, grace_s=0.0):
-    """Stands in for zeroplan.bench.run_process: no point is ever started."""
-    from zeroplan.bench import PointOutcome
+    """Stands in for zeroplan.lab.bench.run_process: no point is ever started."""
+    from zeroplan.lab.bench import PointOutcome
 
     Path(log_path).write_text("not launched: fuzzing\n")
     return PointOutcome(exit_code=1, timed_out=False, wall_s=0.0, log_tail="not launched: fuzzing")
@@ -490,7 +490,7 @@ def never_launch(command, log_path, timeout_s, grace_s=0.0):
 def contained():
     """Swap in InProcessValidator and never_launch for the duration."""
     import zeroplan.adapters.validator_process as validator_process
-    import zeroplan.bench as bench
+    import zeroplan.lab.bench as bench
 
     saved = validator_process.BackgroundValidator, bench.run_process
     validator_process.BackgroundValidator, bench.run_process = InProcessValidator, never_launch
@@ -595,7 +595,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{time.monotonic() - verb_started:.0f} s", file=sys.stderr, flush=True)
     summary = summarize(outcomes, time.monotonic() - started)
     args.out.mkdir(parents=True, exist_ok=True)
-    from zeroplan.atomic import write_files_atomic
+    from zeroplan.core.atomic import write_files_atomic
 
     write_files_atomic({args.out / "summary.json": json.dumps(summary, indent=2, ensure_ascii=False) + "\n",
                         args.out / "summary.md": markdown(summary)})

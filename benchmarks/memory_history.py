@@ -16,14 +16,14 @@ import json
 import sys
 from pathlib import Path
 
-from zeroplan import memory as M
-from zeroplan.allocator import CachingAllocator
-from zeroplan.atomic import write_files_atomic
-from zeroplan.dsconfig import tuned_plan
-from zeroplan.jsonl import read
-from zeroplan.profiles import load_gpu
-from zeroplan.records import record_profile, record_shape, step_tiles
-from zeroplan.runner.spec import RunSpec
+from zeroplan.core import memory as M
+from zeroplan.core.allocator import CachingAllocator
+from zeroplan.core.atomic import write_files_atomic
+from zeroplan.core.tuning import tuned_plan
+from zeroplan.lab.jsonl import read
+from zeroplan.core.profiles import load_gpu
+from zeroplan.lab.records import record_profile, record_shape, step_tiles
+from zeroplan.core.run import RunSpec
 
 GB = 1e9
 LARGE = 20 * 2**20  # segments above the 20 MiB default are made for one request
@@ -80,7 +80,7 @@ class _Recording(CachingAllocator):
 
 
 def replayed(record: dict) -> dict:
-    """The same run through zeroplan.memory's replay (the events `estimate` replays)."""
+    """The same run through zeroplan.core.memory's replay (the events `estimate` replays)."""
     spec = RunSpec.from_dict(record["spec"])
     gpu = load_gpu("h100")
     profile, shape = record_profile(record), record_shape(record)
@@ -134,7 +134,7 @@ FINDINGS = """What the traces showed (2026-11-25, NVIDIA H100 80GB HBM3), and wh
   second 4.4 GB gradient-partition segment on DeepSpeed's reduction stream, straight after the
   first. Each `.grad` is a view of that micro-step's grads_in_partition, so the next micro-step,
   which adds into it and copies the sum into a new grads_in_partition, holds two of them until its
-  backward ends. zeroplan.zero_events now replays that; the two replays below then create the same
+  backward ends. zeroplan.core.zero_events now replays that; the two replays below then create the same
   82 large segments (56.14 GB) as the run, and every ZeRO-2 run with accumulation is predicted
   within 1.5 %.
 - ZeRO-3 set-up: per optimizer sub-group DeepSpeed converts the bf16 shard to fp32 and then clones

@@ -5,7 +5,7 @@ forward with labels under `saved_tensors_hooks`, and adds up every storage autog
 (each once, parameters left out) under the module that saved it. Attention goes through a
 stand-in for CUDA's flash SDPA that saves what the kernel saves (q, k, v, the output laid out as
 [b, s, h, d], an fp32 log-sum-exp per head), since the CPU kernels save other things. Per-token
-figures printed here are what zeroplan.activations counts:
+figures printed here are what zeroplan.core.activations counts:
 
     .venv/bin/python benchmarks/saved_tensors.py 2b        # Llama-style LLM (InternLM2.5-1.8B)
     .venv/bin/python benchmarks/saved_tensors.py 1b        # Qwen2 LLM
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from zeroplan.adapters.hf_model import build_model, image_token_id
-from zeroplan.profiles import load_model
+from zeroplan.core.profiles import load_model
 
 _sdpa = F.scaled_dot_product_attention
 

@@ -17,9 +17,9 @@ import statistics
 import sys
 from pathlib import Path
 
-from zeroplan.atomic import write_files_atomic
-from zeroplan.jsonl import read
-from zeroplan.stepfit import predicted_step_s, steady, timed_run
+from zeroplan.core.atomic import write_files_atomic
+from zeroplan.lab.jsonl import read
+from zeroplan.lab.stepfit import predicted_step_s, steady, timed_run
 
 SWEEPS = ("h100_fast_2b", "h100_fast_stages", "h100_fast_4b", "h100_fast_4b_stages", "h100_fast_z3", "h200_fast_4b",
           "h100_z3_steady", "h100_4b_fit", "h100_microbatch", "h100_zero2_rows", "h100_4b_zero2")
@@ -165,7 +165,7 @@ def markdown(rows_: list[dict]) -> str:
     lines += ["", "## Step-time model (what `zeroplan recommend` ranks plans by)", "",
               f"Over {len(ok)} runs (left out: ZeRO-3 with compiled layers, which zeroplan never plans, and "
               f"the {len(unsteady)} ZeRO-3 runs timed after fewer than 4 warm-up micro-steps, not yet steady: "
-              "`zeroplan.stepfit.steady`, marked `unsteady` above): median "
+              "`zeroplan.lab.stepfit.steady`, marked `unsteady` above): median "
               f"|error| of predicted tokens/s {statistics.median(errors):.1%}, worst {max(errors):.1%}, "
               f"{within} of {len(ok)} within {TOLERANCE:.0%}. Per stage:", "",
               "| stage | runs | median abs error | worst | within 15 % | out of sample (check) within 15 % |",

@@ -64,7 +64,7 @@ def _tower(name: str) -> str:
 def build_model(case: dict):
     """The tiny InternVL in bf16 with the case's towers frozen (and PEFT LoRA on the LLM)."""
     from zeroplan.adapters.hf_model import build_model as build
-    from zeroplan.profiles import load_model
+    from zeroplan.core.profiles import load_model
 
     torch.manual_seed(0)
     model = build(load_model("tiny"), device="cpu", dtype=torch.bfloat16, attn_implementation="eager")
@@ -109,7 +109,7 @@ def ds_config(case: dict) -> dict:
 def batch(tiles: int = 2, text_tokens: int = 6) -> dict:
     """pixel_values for `tiles` tiles and input_ids with 4 image tokens per tile."""
     from zeroplan.adapters.hf_model import image_token_id
-    from zeroplan.profiles import load_model
+    from zeroplan.core.profiles import load_model
 
     profile = load_model("tiny")
     image = torch.full((profile.tokens_per_tile * tiles,), image_token_id(profile), dtype=torch.long)

@@ -4,7 +4,7 @@ fit with splitting, merging on free, per-stream pools, release of free segments 
 import subprocess
 import sys
 
-from zeroplan.allocator import MIB, CachingAllocator, Trace, replay, round_size, segment_size
+from zeroplan.core.allocator import MIB, CachingAllocator, Trace, replay, round_size, segment_size
 
 
 def test_request_rounding_and_segment_sizes():
@@ -71,23 +71,23 @@ def test_trace_drops_small_requests_and_replays():
 
 
 def test_pure_core_does_not_import_torch():
-    code = ("import sys; import zeroplan.memory, zeroplan.allocator, zeroplan.step_events, zeroplan.records; "
+    code = ("import sys; import zeroplan.core.memory, zeroplan.core.allocator, zeroplan.core.step_events, zeroplan.lab.records; "
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
 
 def test_engine_set_up_allocates_what_the_h100_runs_recorded():
-    """The replayed DeepSpeed set-up (zeroplan.zero_events) peaks where torch's counter did before
+    """The replayed DeepSpeed set-up (zeroplan.core.zero_events) peaks where torch's counter did before
     the first step (init_peak_allocated_bytes), for every stage, frozen tower and LoRA case."""
     import glob
     import json
     from dataclasses import replace
 
-    from zeroplan.calibrate import points_from_records
-    from zeroplan.memory import _most_loaded_rank_states, communication_buffer_bytes
-    from zeroplan.records import record_profile
-    from zeroplan.zero_events import ZeroEvents
+    from zeroplan.lab.calibrate import points_from_records
+    from zeroplan.core.memory import _most_loaded_rank_states, communication_buffer_bytes
+    from zeroplan.lab.records import record_profile
+    from zeroplan.core.zero_events import ZeroEvents
 
     checked = 0
     for path in sorted(glob.glob("reports/h100_*/results.jsonl")):

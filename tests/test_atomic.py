@@ -1,4 +1,4 @@
-"""zeroplan.atomic and the commands that use it: a failure half-way leaves the old file intact and
+"""zeroplan.core.atomic and the commands that use it: a failure half-way leaves the old file intact and
 no temporary file or new folder behind."""
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-import zeroplan.atomic as atomic
-from zeroplan.atomic import write_atomic, write_files_atomic
+import zeroplan.core.atomic as atomic
+from zeroplan.core.atomic import write_atomic, write_files_atomic
 from zeroplan.cli.main import main
-from zeroplan.errors import InvalidInput
+from zeroplan.core.errors import InvalidInput
 
 
 def _entries(folder: Path) -> set[str]:
@@ -118,7 +118,7 @@ def test_recommend_failing_to_serialize_leaves_the_old_config(tmp_path, monkeypa
     def broken(config):
         return json.dumps({"bad": object()})
 
-    monkeypatch.setattr("zeroplan.dsconfig.to_json", broken)
+    monkeypatch.setattr("zeroplan.core.dsconfig.to_json", broken)
     with pytest.raises(TypeError):
         main(["recommend", "--model", "tiny", "--gpus", "1", "--out", str(target)])
     assert target.read_text() == '{"old": true}' and _entries(tmp_path) == {"ds.json"}
@@ -180,7 +180,7 @@ def test_report_into_a_new_folder_that_fails_leaves_no_folder(tmp_path, monkeypa
 
 
 def test_a_results_record_that_cannot_be_json_leaves_the_file_as_it_was(tmp_path):
-    from zeroplan import jsonl
+    from zeroplan.lab import jsonl
 
     path = _results(tmp_path)
     before = path.read_bytes()

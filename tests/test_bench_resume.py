@@ -17,7 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from zeroplan import bench, sweep, jsonl
+from zeroplan.lab import bench
+from zeroplan.lab import sweep
+from zeroplan.lab import jsonl
 from zeroplan.cli.main import main
 
 FAKE_RUNNER = textwrap.dedent("""
@@ -63,8 +65,8 @@ def fake_runner(tmp_path):
 
 
 def tiny_specs(stages=(0, 1, 2, 3)):
-    return sweep.expand(sweep.Grid(models=("tiny",), stages=stages, seq_lens=(64,), tiles=(2,), steps=2,
-                                   warmup_steps=1))
+    return sweep.expand(sweep.Grid(models=("tiny",), stages=stages, seq_lens=(64,), tiles=(2,),
+                                   run=dict(steps=2, warmup_steps=1)))
 
 
 def lines_of(path: Path) -> list[dict]:
@@ -127,7 +129,7 @@ def test_rerunning_a_complete_sweep_runs_nothing(tmp_path, fake_runner):
 
 DRIVER = textwrap.dedent("""
     import sys
-    from zeroplan import bench
+    from zeroplan.lab import bench
     from zeroplan.cli.main import main
     runner = sys.argv.pop(1)
     bench.default_command_for = lambda launcher: (
@@ -256,8 +258,8 @@ def test_real_runner_on_tiny_internvl_two_cpu_ranks(tmp_path):
     pytest.importorskip("zeroplan.runner.launch")
     pytest.importorskip("zeroplan.runner.train")
     results = tmp_path / "results.jsonl"
-    specs = sweep.expand(sweep.Grid(models=("tiny",), stages=(2,), seq_lens=(64,), tiles=(2,), steps=2,
-                                    warmup_steps=1, world_size=2))
+    specs = sweep.expand(sweep.Grid(models=("tiny",), stages=(2,), seq_lens=(64,), tiles=(2,),
+                                    run=dict(steps=2, warmup_steps=1, world_size=2)))
     summary = bench.run_sweep(specs, results, bench.default_command_for("torchrun"), timeout_s=300)
     record = lines_of(results)[0]
     assert summary.ran == 1 and record["status"] == "ok", record.get("reason")

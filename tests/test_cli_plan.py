@@ -6,7 +6,7 @@ import pytest
 
 from zeroplan.adapters.nvml import ProbedGPU, ProbeResult
 from zeroplan.cli.main import main
-from zeroplan.gpus import choose_gpu
+from zeroplan.adapters.gpus import choose_gpu
 
 
 def run(capsys, *argv):

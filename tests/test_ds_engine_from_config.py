@@ -41,9 +41,9 @@ TRAINER_ARGS = dict(world_size=1, per_device_train_batch_size=1, gradient_accumu
 
 def rendered_config(case: dict) -> dict:
     """The config under test, exactly as zeroplan renders it for the tiny model on one GPU."""
-    from zeroplan.dsconfig import render
-    from zeroplan.plan import Plan, TrainShape
-    from zeroplan.profiles import load_model
+    from zeroplan.core.dsconfig import render
+    from zeroplan.core.plan import Plan, TrainShape
+    from zeroplan.core.profiles import load_model
 
     shape = TrainShape(seq_len=64, tiles=2, frozen=frozenset({"vision"}))
     plan = Plan(stage=case["stage"], gpus_per_node=1, nodes=1)
@@ -66,7 +66,7 @@ def _batch():
     import torch
 
     from zeroplan.adapters.hf_model import image_token_id
-    from zeroplan.profiles import load_model
+    from zeroplan.core.profiles import load_model
 
     profile = load_model("tiny")
     tiles, size = 2, profile.vision.image_size
@@ -83,7 +83,7 @@ def run_case(case: dict) -> dict:
     import torch
 
     from zeroplan.adapters.hf_model import build_model
-    from zeroplan.profiles import load_model
+    from zeroplan.core.profiles import load_model
 
     torch.manual_seed(0)
     model = build_model(load_model("tiny"), device="cpu")
@@ -135,7 +135,7 @@ def test_engine_trains_one_step_from_the_rendered_config(engine_results, case):
     assert result["global_steps"] == 1
     assert (result["stage"], result["micro_batch"], result["bf16"]) == (case["stage"], 1, True)
     if case["flavour"] == "hf":
-        from zeroplan.dsconfig import auto_fields
+        from zeroplan.core.dsconfig import auto_fields
 
         assert auto_fields(result["config"]) == []
         assert result["config"]["optimizer"]["params"]["lr"] == TRAINER_ARGS["learning_rate"]
@@ -147,7 +147,7 @@ def test_engine_trains_one_step_from_the_rendered_config(engine_results, case):
 
 @pytest.mark.slow
 def test_hf_flavour_is_filled_the_same_by_zeroplan_and_the_trainer(engine_results):
-    from zeroplan.dsconfig import fill_auto, hf_auto_values
+    from zeroplan.core.dsconfig import fill_auto, hf_auto_values
 
     for case in CASES:
         if case["flavour"] != "hf":

@@ -1,5 +1,5 @@
-"""zeroplan.dsconfig (configs from plans and back), the DeepSpeed adapter (DeepSpeed's own
-validation and estimators), zeroplan.launch and zeroplan.atomic."""
+"""zeroplan.core.dsconfig (configs from plans and back), the DeepSpeed adapter (DeepSpeed's own
+validation and estimators), zeroplan.core.launch and zeroplan.core.atomic."""
 
 from __future__ import annotations
 
@@ -11,14 +11,14 @@ from types import SimpleNamespace
 
 import pytest
 
-from zeroplan import dsconfig
+from zeroplan.core import config_reader, dsconfig, tuning
 from zeroplan.adapters.deepspeed_adapter import estimator_bytes, validate_config
-from zeroplan.atomic import write_atomic, write_files_atomic
-from zeroplan.errors import InvalidConfig, InvalidInput
-from zeroplan.launch import launch_lines
-from zeroplan.params import model_tensors
-from zeroplan.plan import Plan, TrainShape
-from zeroplan.profiles import load_model
+from zeroplan.core.atomic import write_atomic, write_files_atomic
+from zeroplan.core.errors import InvalidConfig, InvalidInput
+from zeroplan.core.launch import launch_lines
+from zeroplan.core.params import model_tensors
+from zeroplan.core.plan import Plan, TrainShape
+from zeroplan.core.profiles import load_model
 
 HF_AUTOS = {"bf16.enabled", "fp16.enabled", "gradient_accumulation_steps", "gradient_clipping",
             "train_batch_size", "train_micro_batch_size_per_gpu", "optimizer.params.lr",
@@ -74,9 +74,9 @@ def test_every_rendered_config_passes_deepspeed(plan, flavour, optimizer):
 @pytest.mark.parametrize("plan", list(_plans()), ids=lambda p: f"z{p.stage}-{p.offload_optimizer}-{p.offload_params}")
 def test_concrete_config_reads_back_as_the_same_plan(plan):
     profile = load_model("8b")
-    tuned = dsconfig.tuned_plan(profile, SHAPE, plan)
+    tuned = tuning.tuned_plan(profile, SHAPE, plan)
     config = dsconfig.render(profile, SHAPE, tuned, micro_batch=3, gradient_accumulation=5)
-    back, micro, accum = dsconfig.plan_from_config(config, plan.gpus_per_node, plan.nodes)
+    back, micro, accum = config_reader.plan_from_config(config, plan.gpus_per_node, plan.nodes)
     assert (micro, accum) == (3, 5)
     fields = ["stage", "offload_optimizer", "offload_params", "reduce_bucket_elems", "overlap_comm",
               "contiguous_gradients", "gpus_per_node", "nodes"]
@@ -97,9 +97,9 @@ def test_render_writes_the_plans_numbers_unless_asked_to_tune():
 @pytest.mark.parametrize("model", ["tiny", "1b", "8b", "26b", "40b", "78b"])
 def test_tuning_rules_follow_the_model_shapes(model):
     profile = load_model(model)
-    tuned = dsconfig.tuned_plan(profile, SHAPE, Plan(stage=3))
+    tuned = tuning.tuned_plan(profile, SHAPE, Plan(stage=3))
     tensors = model_tensors(profile)
-    sizes = dsconfig.shape_sizes(profile, SHAPE)
+    sizes = tuning.shape_sizes(profile, SHAPE)
     persistent = [t for t in tensors if t.numel <= tuned.param_persistence_threshold]
     assert persistent and all(t.name.endswith((".bias", "norm.weight", "_before.weight", "_after.weight", "lambda_1", "lambda_2", "cls_token"))
                               for t in persistent)
@@ -108,22 +108,22 @@ def test_tuning_rules_follow_the_model_shapes(model):
                for t in tensors if t.name.endswith(("q_proj.weight", "down_proj.weight", "fc1.weight")))
     assert sizes.llm_layer_elems <= tuned.prefetch_bucket_elems < 1.1 * sizes.llm_layer_elems
     assert tuned.max_live_params >= max(3 * sizes.llm_layer_elems, sizes.largest_tensor_elems)
-    assert dsconfig.MIN_BUCKET_ELEMS <= tuned.reduce_bucket_elems <= dsconfig.MAX_BUCKET_ELEMS[3]
+    assert tuning.MIN_BUCKET_ELEMS <= tuned.reduce_bucket_elems <= tuning.MAX_BUCKET_ELEMS[3]
     assert tuned.sub_group_elems == 1_000_000_000
-    nvme = dsconfig.tuned_plan(profile, SHAPE, Plan(stage=3, offload_optimizer="nvme"))
+    nvme = tuning.tuned_plan(profile, SHAPE, Plan(stage=3, offload_optimizer="nvme"))
     assert nvme.sub_group_elems < 3 * sizes.llm_layer_elems
 
 
 def test_reduce_bucket_spans_two_trainable_blocks_within_the_stage_caps():
     profile = load_model("1b")
-    sizes = dsconfig.shape_sizes(profile, SHAPE)
-    stage1 = dsconfig.tuned_plan(profile, SHAPE, Plan(stage=1))
+    sizes = tuning.shape_sizes(profile, SHAPE)
+    stage1 = tuning.tuned_plan(profile, SHAPE, Plan(stage=1))
     assert 2 * sizes.largest_trainable_block_elems <= stage1.reduce_bucket_elems < 2.1 * sizes.largest_trainable_block_elems
     big = load_model("78b")
-    assert dsconfig.tuned_plan(big, SHAPE, Plan(stage=1)).reduce_bucket_elems == 1_000_000_000
-    assert dsconfig.tuned_plan(big, SHAPE, Plan(stage=2)).reduce_bucket_elems == 500_000_000
+    assert tuning.tuned_plan(big, SHAPE, Plan(stage=1)).reduce_bucket_elems == 1_000_000_000
+    assert tuning.tuned_plan(big, SHAPE, Plan(stage=2)).reduce_bucket_elems == 500_000_000
     lora = TrainShape(lora_rank=16, frozen=frozenset({"vision", "projector"}))
-    assert dsconfig.tuned_plan(profile, lora, Plan(stage=2)).reduce_bucket_elems == dsconfig.MIN_BUCKET_ELEMS
+    assert tuning.tuned_plan(profile, lora, Plan(stage=2)).reduce_bucket_elems == tuning.MIN_BUCKET_ELEMS
 
 
 def test_config_set_matches_internvl_files_and_classes():
@@ -216,27 +216,27 @@ def test_fill_auto_refuses_what_the_trainer_does_not_fill():
 
 
 def test_plan_from_config_defaults_autos_and_batch_checks():
-    plan, micro, accum = dsconfig.plan_from_config({"train_micro_batch_size_per_gpu": 4,
+    plan, micro, accum = config_reader.plan_from_config({"train_micro_batch_size_per_gpu": 4,
                                                    "zero_optimization": {"stage": 3}}, 8, 1)
     assert (micro, accum) == (4, 1)
     assert (plan.reduce_bucket_elems, plan.prefetch_bucket_elems, plan.param_persistence_threshold) == \
         (500_000_000, 50_000_000, 100_000)
     assert plan.overlap_comm is True
-    assert dsconfig.plan_from_config({"train_batch_size": 64, "zero_optimization": {"stage": 1}}, 8, 1)[0].overlap_comm \
+    assert config_reader.plan_from_config({"train_batch_size": 64, "zero_optimization": {"stage": 1}}, 8, 1)[0].overlap_comm \
         is False
     hf = dsconfig.config_set("hf")["zero_stage3_config.json"]
     hf["zero_optimization"]["stage3_prefetch_bucket_size"] = "auto"
-    plan, micro, accum = dsconfig.plan_from_config(hf, 8, 2, hidden_size=100, micro_batch=2, gradient_accumulation=8)
+    plan, micro, accum = config_reader.plan_from_config(hf, 8, 2, hidden_size=100, micro_batch=2, gradient_accumulation=8)
     assert (micro, accum, plan.prefetch_bucket_elems, plan.world_size) == (2, 8, 9000, 16)
-    assert dsconfig.plan_from_config({"train_batch_size": 64, "train_micro_batch_size_per_gpu": 2}, 8, 1)[2] == 4
+    assert config_reader.plan_from_config({"train_batch_size": 64, "train_micro_batch_size_per_gpu": 2}, 8, 1)[2] == 4
     with pytest.raises(InvalidInput, match="train_batch_size 64"):
-        dsconfig.plan_from_config({"train_batch_size": 64, "train_micro_batch_size_per_gpu": 2,
+        config_reader.plan_from_config({"train_batch_size": 64, "train_micro_batch_size_per_gpu": 2,
                                    "gradient_accumulation_steps": 2}, 8, 1)
     with pytest.raises(InvalidConfig, match="whole number"):
-        dsconfig.plan_from_config({"train_micro_batch_size_per_gpu": 1,
+        config_reader.plan_from_config({"train_micro_batch_size_per_gpu": 1,
                                    "zero_optimization": {"stage": 3, "reduce_bucket_size": 1.5}}, 8, 1)
     with pytest.raises(InvalidInput, match="not 3"):
-        dsconfig.plan_from_config({"train_micro_batch_size_per_gpu": 1}, 8, 1, micro_batch=3)
+        config_reader.plan_from_config({"train_micro_batch_size_per_gpu": 1}, 8, 1, micro_batch=3)
 
 
 def test_estimators_are_deepspeeds_own():
@@ -245,7 +245,7 @@ def test_estimators_are_deepspeeds_own():
     plan = Plan(stage=3, gpus_per_node=8, nodes=2, offload_optimizer="cpu")
     result = estimator_bytes(profile, SHAPE, plan)
     trainable = result["total_params"]
-    from zeroplan.params import count_parameters
+    from zeroplan.core.params import count_parameters
 
     counts = count_parameters(profile)
     assert trainable == counts.total - counts.vision

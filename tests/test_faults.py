@@ -18,8 +18,8 @@ import pytest
 from zeroplan.adapters import nvml
 from zeroplan.adapters.nvml import ProbedGPU, ProbeResult
 from zeroplan.cli.main import main
-from zeroplan.gpus import choose_gpu
-from zeroplan.profiles import DEFAULT_GPU, load_gpu
+from zeroplan.adapters.gpus import choose_gpu
+from zeroplan.core.profiles import DEFAULT_GPU, load_gpu
 
 ROOT = Path(__file__).resolve().parents[1]
 GIB = 1 << 30

@@ -126,7 +126,7 @@ def _tree(folder: Path) -> set[str]:
 def in_tmp(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr("zeroplan.adapters.validator_process.BackgroundValidator", fuzz_cli.InProcessValidator)
-    monkeypatch.setattr("zeroplan.bench.run_process", fuzz_cli.never_launch)
+    monkeypatch.setattr("zeroplan.lab.bench.run_process", fuzz_cli.never_launch)
     return tmp_path
 
 

@@ -5,11 +5,11 @@ from dataclasses import replace
 
 import pytest
 
-from zeroplan.activations import activation_bytes
-from zeroplan.memory import estimate
-from zeroplan.params import count_parameters
-from zeroplan.plan import Plan, TrainShape
-from zeroplan.profiles import load_gpu, load_model
+from zeroplan.core.activations import activation_bytes
+from zeroplan.core.memory import estimate
+from zeroplan.core.params import count_parameters
+from zeroplan.core.plan import Plan, TrainShape
+from zeroplan.core.profiles import load_gpu, load_model
 
 GPU = load_gpu("a100-80gb")
 
@@ -90,12 +90,12 @@ def test_longer_sequences_and_more_tiles_need_more_memory():
 
 
 def _h100_points():
-    """Every finished H100 run in reports/, with the shape it really ran (zeroplan.records)."""
+    """Every finished H100 run in reports/, with the shape it really ran (zeroplan.lab.records)."""
     import glob
     import json
 
-    from zeroplan.calibrate import points_from_records
-    from zeroplan.records import record_profile
+    from zeroplan.lab.calibrate import points_from_records
+    from zeroplan.lab.records import record_profile
 
     out = []
     for path in sorted(glob.glob("reports/h100_*/results.jsonl")):
@@ -113,8 +113,8 @@ def _tiles_known() -> list[bool]:
     import glob
     import json
 
-    from zeroplan.calibrate import points_from_records
-    from zeroplan.records import drawn_tiles
+    from zeroplan.lab.calibrate import points_from_records
+    from zeroplan.lab.records import drawn_tiles
 
     out = []
     for path in sorted(glob.glob("reports/h100_*/results.jsonl")):
@@ -155,14 +155,14 @@ def test_h100_matrix_reserved_peak_from_the_allocator_replay(h100_points):
     known = [e for e, exact in zip(errors, _tiles_known()) if exact]
     assert len(known) >= 55
     assert min(known) >= -0.04 and max(known) <= 0.07
-    # Older runs whose tile draws are reconstructed (zeroplan.records): two 1B ZeRO-1/2 runs at 2
+    # Older runs whose tile draws are reconstructed (zeroplan.lab.records): two 1B ZeRO-1/2 runs at 2
     # samples are 12.5 % under (the same configuration re-measured with the allocator's own trace
     # is reproduced exactly: reports/h100_memhist, z1).
     assert min(errors) >= -0.13 and max(errors) <= 0.08
 
 
 def test_rotary_saves_nothing_and_flash_output_is_o_projs_input():
-    from zeroplan.activations import llm_layer_bytes_per_token
+    from zeroplan.core.activations import llm_layer_bytes_per_token
 
     llm = load_model("2b").llm
     hidden, inter = llm.hidden_size, llm.intermediate_size
@@ -173,7 +173,7 @@ def test_rotary_saves_nothing_and_flash_output_is_o_projs_input():
 
 
 def test_packed_rows_save_k_and_v_at_query_width():
-    from zeroplan.activations import llm_layer_bytes_per_token
+    from zeroplan.core.activations import llm_layer_bytes_per_token
 
     llm = load_model("2b").llm
     extra = llm_layer_bytes_per_token(llm, packed=True) - llm_layer_bytes_per_token(llm)
@@ -191,7 +191,7 @@ def test_liger_drops_the_vocabulary_wide_logits_and_saves_less():
 
 
 def test_fused_linear_cross_entropy_chunk_matches_liger():
-    from zeroplan.activations import fused_linear_cross_entropy_chunk
+    from zeroplan.core.activations import fused_linear_cross_entropy_chunk
 
     # 2B with the vocabulary padded to 128: ceil(92672 / 2048) = 46; ceil(8192 / 46) = 179 -> 256 rows
     assert fused_linear_cross_entropy_chunk(8192, 2048, 92672) == 256
@@ -199,7 +199,7 @@ def test_fused_linear_cross_entropy_chunk_matches_liger():
 
 
 def test_compiled_layers_keep_no_fp32_upcast_and_no_silu():
-    from zeroplan.activations import llm_layer_bytes_per_token
+    from zeroplan.core.activations import llm_layer_bytes_per_token
 
     llm = load_model("2b").llm
     eager, compiled = llm_layer_bytes_per_token(llm), llm_layer_bytes_per_token(llm, compiled=True)

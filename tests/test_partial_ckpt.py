@@ -9,15 +9,15 @@ from dataclasses import replace
 
 import pytest
 
-from zeroplan.activations import activation_bytes
-from zeroplan.dsconfig import tuned_plan
-from zeroplan.errors import InvalidInput
-from zeroplan.memory import estimate
-from zeroplan.partition import optimizer_groups, stage12_group_slices, trainable_numels
-from zeroplan.plan import Plan, TrainShape
-from zeroplan.planner import checkpoint_choices, evaluate, OPTIMIZER_GROUP_ELEMS
-from zeroplan.profiles import load_gpu, load_model, pad_vocab
-from zeroplan.steptime import checkpointed_layers, step_time
+from zeroplan.core.activations import activation_bytes
+from zeroplan.core.tuning import tuned_plan
+from zeroplan.core.errors import InvalidInput
+from zeroplan.core.memory import estimate
+from zeroplan.core.partition import optimizer_groups, stage12_group_slices, trainable_numels
+from zeroplan.core.plan import Plan, TrainShape
+from zeroplan.core.planner import checkpoint_choices, evaluate, OPTIMIZER_GROUP_ELEMS
+from zeroplan.core.profiles import load_gpu, load_model, pad_vocab
+from zeroplan.core.steptime import checkpointed_layers, step_time
 
 FOUR_B = pad_vocab(load_model("4b"), 128)
 FAST = TrainShape(micro_batch=1, seq_len=8192, tiles=8, grad_ckpt=True, packed=True, kernels="liger-loss",
@@ -75,7 +75,7 @@ def test_checkpointing_fewer_layers_costs_memory_and_saves_time():
 
 
 def test_shape_and_spec_reject_checkpointed_layers_without_checkpointing():
-    from zeroplan.runner.spec import RunSpec
+    from zeroplan.core.run import RunSpec
 
     with pytest.raises(InvalidInput, match="checkpointing on"):
         TrainShape(grad_ckpt=False, ckpt_layers=3)
@@ -104,7 +104,7 @@ def test_planner_tries_partial_checkpointing_and_groups_only_where_they_decide_t
 def test_runner_checkpoints_the_first_layers_and_builds_the_groups():
     torch = pytest.importorskip("torch")
     from zeroplan.runner.model import decoder_layers
-    from zeroplan.runner.spec import RunSpec
+    from zeroplan.core.run import RunSpec
     from zeroplan.runner.train import make_optimizer
 
     from zeroplan.adapters.hf_model import build_model, image_token_id

@@ -1,4 +1,4 @@
-"""zeroplan.partition against real DeepSpeed engines: the tiny InternVL trained one step on the CPU
+"""zeroplan.core.partition against real DeepSpeed engines: the tiny InternVL trained one step on the CPU
 (gloo) by 1-4 ranks, one process per rank (tests/_ds_worker.py), under ZeRO 0-3 with towers
 frozen, LoRA and optimizer offload; each rank's measured model-state bytes must equal the model's,
 padding and alignment included. World size 3 is there because the tiny model's tensor sizes are
@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from zeroplan.partition import model_state_bytes, optimizer_step_grad_bytes
-from zeroplan.plan import Plan, TrainShape
-from zeroplan.profiles import load_model
+from zeroplan.core.partition import model_state_bytes, optimizer_step_grad_bytes
+from zeroplan.core.plan import Plan, TrainShape
+from zeroplan.core.profiles import load_model
 
 pytestmark = pytest.mark.slow
 

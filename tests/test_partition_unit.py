@@ -1,15 +1,15 @@
-"""Unit tests of zeroplan.partition alone (no DeepSpeed): the ZeRO paper's split, layouts, offload."""
+"""Unit tests of zeroplan.core.partition alone (no DeepSpeed): the ZeRO paper's split, layouts, offload."""
 
 from __future__ import annotations
 
 import pytest
 
-from zeroplan.errors import InvalidInput
-from zeroplan.params import model_tensors
-from zeroplan.partition import (flat_partition, model_state_bytes, optimizer_step_grad_bytes, stage3_shards,
+from zeroplan.core.errors import InvalidInput
+from zeroplan.core.params import model_tensors
+from zeroplan.core.partition import (flat_partition, model_state_bytes, optimizer_step_grad_bytes, stage3_shards,
                                 stage3_sub_group_elems, trainable_numels)
-from zeroplan.plan import Plan, TrainShape
-from zeroplan.profiles import load_model
+from zeroplan.core.plan import Plan, TrainShape
+from zeroplan.core.profiles import load_model
 
 FULL = TrainShape()
 

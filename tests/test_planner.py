@@ -3,10 +3,10 @@ others lost."""
 
 import pytest
 
-from zeroplan.errors import DoesNotFit, InvalidInput
-from zeroplan.plan import Plan, TrainShape, cluster
-from zeroplan.planner import recommend
-from zeroplan.profiles import load_gpu, load_model
+from zeroplan.core.errors import DoesNotFit, InvalidInput
+from zeroplan.core.plan import Plan, TrainShape, cluster
+from zeroplan.core.planner import recommend
+from zeroplan.core.profiles import load_gpu, load_model
 
 A100 = load_gpu("a100-80gb")
 

@@ -2,9 +2,9 @@
 
 import pytest
 
-from zeroplan.errors import InvalidProfile, UnknownGPU, UnknownModel, ZeroplanError
-from zeroplan.params import count_parameters, model_tensors
-from zeroplan.profiles import gpu_names, load_gpu, load_model, model_names
+from zeroplan.core.errors import InvalidProfile, UnknownGPU, UnknownModel, ZeroplanError
+from zeroplan.core.params import count_parameters, model_tensors
+from zeroplan.core.profiles import gpu_names, load_gpu, load_model, model_names
 
 # Totals the InternVL family publishes (shared/internvl-facts.md), in billions, to 0.1 B.
 PUBLISHED_BILLIONS = {"1b": 0.9, "2b": 2.2, "8b": 8.1, "26b": 25.5, "40b": 40.1, "76b": 76.3, "78b": 78.4}

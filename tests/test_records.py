@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from zeroplan.records import drawn_tiles, record_profile, step_tiles
+from zeroplan.lab.records import drawn_tiles, record_profile, step_tiles
 
 REPORTS = Path(__file__).resolve().parent.parent / "reports"
 

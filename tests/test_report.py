@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from zeroplan import report
+from zeroplan.lab import points, report
 from zeroplan.cli.main import main
 
 GIB = 1 << 30
@@ -90,11 +90,11 @@ def test_plots_are_valid_pngs_per_model_and_nothing_temporary_is_left(results, t
 
 
 def test_a_record_without_a_spec_field_falls_back_to_the_embedded_spec():
-    point = report.to_point({"point_id": "x", "status": "ok", "spec": {"model": "m", "stage": 2, "micro_batch": 4,
+    point = points.to_point({"point_id": "x", "status": "ok", "spec": {"model": "m", "stage": 2, "micro_batch": 4,
                              "seq_len": 64, "tiles": 2, "grad_ckpt": False, "frozen": ["vision"], "lora_rank": 0,
                              "world_size": 2, "offload_optimizer": "cpu", "offload_params": "none"}})
     assert (point.model, point.stage) == ("m", 2)
-    assert report.shape_label(point.shape) == ("micro-batch 4, 64 tokens, 2 tiles, checkpointing off, 2 ranks, "
+    assert points.shape_label(point.shape) == ("micro-batch 4, 64 tokens, 2 tiles, checkpointing off, 2 ranks, "
                                                "optimizer offload to cpu, frozen vision")
 
 
@@ -117,9 +117,9 @@ def test_the_runners_full_breakdown_and_allocated_prediction_are_used():
     full = {"params": 10, "grads": 20, "master_weights": 30, "optimizer_states": 40, "activations_vision": 5,
             "activations_llm": 6, "logits_and_loss": 7, "buffers": 8, "step_transient": 9, "overhead": 11,
             "peak_allocated": 150, "peak": 200}
-    assert report.predicted_terms({"predicted_breakdown": full}) == {
+    assert points.predicted_terms({"predicted_breakdown": full}) == {
         "params": 10, "grads": 20, "optimizer_states": 70, "activations": 18, "buffers": 8, "overhead": 11}
-    point = report.to_point(record("m", 1, "ok", 1, predicted_peak_allocated_bytes=GIB // 2))
-    assert report.predicted_allocated(point) == GIB // 2
+    point = points.to_point(record("m", 1, "ok", 1, predicted_peak_allocated_bytes=GIB // 2))
+    assert points.predicted_allocated(point) == GIB // 2
     lines, ours, _ = report.prediction_rows([point])
     assert ours.errors_pct == (-50.0,) and ours.under_estimates == 1

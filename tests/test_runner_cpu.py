@@ -8,12 +8,12 @@ import random
 
 import pytest
 
-from zeroplan.errors import InvalidInput
-from zeroplan.flops import shape_flops, step_flops
-from zeroplan.plan import TrainShape
-from zeroplan.profiles import load_model
+from zeroplan.core.errors import InvalidInput
+from zeroplan.core.flops import shape_flops, step_flops
+from zeroplan.core.plan import TrainShape
+from zeroplan.core.profiles import load_model
 from zeroplan.runner.launch import launch_command, run_spec
-from zeroplan.runner.spec import RunSpec
+from zeroplan.core.run import RunSpec
 from zeroplan.runner.train import STABLE_KEYS
 from tests.fixtures.internvl_jsonl import make_dataset
 

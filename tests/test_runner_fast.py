@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import pytest
 
-from zeroplan.errors import InvalidInput
-from zeroplan.profiles import load_model, pad_vocab
+from zeroplan.core.errors import InvalidInput
+from zeroplan.core.profiles import load_model, pad_vocab
 from zeroplan.runner.launch import run_spec
-from zeroplan.runner.spec import RunSpec
+from zeroplan.core.run import RunSpec
 
 CPU_ENV = {"OMP_NUM_THREADS": "1"}
 

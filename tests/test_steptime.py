@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from zeroplan.calibrate import fit_step_constants
-from zeroplan.jsonl import read
-from zeroplan.plan import Plan, TrainShape
-from zeroplan.profiles import load_gpu, load_model, pad_vocab
-from zeroplan.stepfit import predicted_step_s, timed_run
-from zeroplan.steptime import fused_loss_extra_bytes, step_terms, step_time
+from zeroplan.lab.calibrate import fit_step_constants
+from zeroplan.lab.jsonl import read
+from zeroplan.core.plan import Plan, TrainShape
+from zeroplan.core.profiles import load_gpu, load_model, pad_vocab
+from zeroplan.lab.stepfit import predicted_step_s, timed_run
+from zeroplan.core.steptime import fused_loss_extra_bytes, step_terms, step_time
 
 REPORTS = Path(__file__).resolve().parents[1] / "reports"
 CALIBRATION = ("h100_check", "h100_matrix_long", "h100_stages_4b", "h100_stages", "h100_matrix_short",
@@ -103,7 +103,7 @@ def test_speed_report_rows_match_the_committed_runs():
 
 
 def test_offload_with_accumulation_pays_host_round_trips_only_where_deepspeed_reduces_each_micro_step():
-    from zeroplan.steptime import offload_seconds
+    from zeroplan.core.steptime import offload_seconds
 
     profile, h100 = load_model("2b"), load_gpu("h100")
     shape = TrainShape(seq_len=4096, tiles=7)

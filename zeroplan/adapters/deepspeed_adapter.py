@@ -14,11 +14,11 @@ import logging
 import sys
 from typing import Any
 
-from zeroplan.dsconfig import auto_fields, fill_auto, hf_auto_values
-from zeroplan.errors import InvalidConfig, MissingDependency
-from zeroplan.params import count_parameters, lora_tensors
-from zeroplan.plan import Plan, TrainShape
-from zeroplan.profiles import ModelProfile
+from zeroplan.core.dsconfig import auto_fields, fill_auto, hf_auto_values
+from zeroplan.core.errors import InvalidConfig, MissingDependency
+from zeroplan.core.params import count_parameters, lora_tensors
+from zeroplan.core.plan import Plan, TrainShape
+from zeroplan.core.profiles import ModelProfile
 
 # Placeholder hidden size for the HF Trainer's bucket rules while validating: any positive size
 # gives values DeepSpeed accepts, and the real one depends on the model, not the config.

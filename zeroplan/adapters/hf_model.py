@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from zeroplan.errors import MissingDependency
-from zeroplan.profiles import ModelProfile
+from zeroplan.core.errors import MissingDependency
+from zeroplan.core.profiles import ModelProfile
 
 # transformers' text config per profile arch; InternLM2/3, Yi and Llama-3 are Llama-shaped.
 HF_TEXT_MODEL_TYPE = {"qwen2": "qwen2", "llama": "llama", "phi3": "phi3"}
@@ -83,7 +83,7 @@ def build_model(profile: ModelProfile, device: str = "meta", dtype=None, attn_im
 
 def meta_parameter_counts(profile: ModelProfile) -> dict[str, Any]:
     """Counts of the model transformers builds on the meta device: total, per tower, largest module,
-    and the ordered (name, numel) list, for comparison with zeroplan.params."""
+    and the ordered (name, numel) list, for comparison with zeroplan.core.params."""
     model = build_model(profile, "meta")
     named = [(name, param.numel()) for name, param in model.named_parameters()]
 

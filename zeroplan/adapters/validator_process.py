@@ -11,7 +11,7 @@ import json
 import subprocess
 import sys
 
-from zeroplan.errors import InvalidConfig
+from zeroplan.core.errors import InvalidConfig
 
 
 _PRESTARTED: list["BackgroundValidator"] = []
@@ -73,7 +73,7 @@ def _serve() -> None:
 
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     logging.disable(logging.WARNING)
-    from zeroplan.errors import MissingDependency
+    from zeroplan.core.errors import MissingDependency
 
     try:
         from zeroplan.adapters import deepspeed_adapter

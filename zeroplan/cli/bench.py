@@ -19,9 +19,9 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from zeroplan import bench
-from zeroplan import sweep as sweeps
-from zeroplan.errors import InvalidInput
+from zeroplan.lab import bench
+from zeroplan.lab import sweep as sweeps
+from zeroplan.core.errors import InvalidInput
 
 GRID_FLAGS = ("model", "stages", "micro_batch", "grad_ckpt", "offload", "seq_len", "tiles", "frozen", "lora_rank",
               "gpus", "steps", "warmup_steps", "gpu", "attn_implementation", "packed", "kernels", "compile",
@@ -116,10 +116,11 @@ def _grid_from_flags(flags: dict) -> sweeps.Grid:
         tiles=sweeps.parse_list(flags["tiles"], int, "--tiles"),
         frozen=frozen,
         lora_ranks=sweeps.parse_list(flags["lora_rank"], int, "--lora-rank"),
-        steps=flags["steps"], warmup_steps=flags["warmup_steps"], world_size=flags["gpus"], gpu=flags["gpu"],
-        attn_implementation=flags["attn_implementation"], packed=flags["packed"], kernels=flags["kernels"],
-        compile=flags["compile"], gradient_accumulation=flags["grad_accum"], vocab_multiple=flags["vocab_multiple"],
-        ckpt_layers=flags["ckpt_layers"], optimizer_group_elems=flags["optimizer_groups"])
+        run=dict(steps=flags["steps"], warmup_steps=flags["warmup_steps"], world_size=flags["gpus"], gpu=flags["gpu"],
+                 attn_implementation=flags["attn_implementation"], packed=flags["packed"], kernels=flags["kernels"],
+                 compile=flags["compile"], gradient_accumulation=flags["grad_accum"],
+                 vocab_multiple=flags["vocab_multiple"], ckpt_layers=flags["ckpt_layers"],
+                 optimizer_group_elems=flags["optimizer_groups"]))
 
 
 def _canonical_command(sweep_path: Path | None, results: Path, the_sweep: sweeps.Sweep, flags: dict) -> str:

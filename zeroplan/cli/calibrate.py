@@ -19,11 +19,11 @@ def command(
     """Measure device constants (CUDA context, step-time constants) from your own runs; check the allocator replay."""
     from datetime import datetime, timezone
 
-    from zeroplan.atomic import write_atomic
-    from zeroplan.calibrate import calibrate, calibrated_table
-    from zeroplan.errors import InvalidInput
-    from zeroplan.jsonl import read as read_results
-    from zeroplan.profiles import load_gpu
+    from zeroplan.core.atomic import write_atomic
+    from zeroplan.lab.calibrate import calibrate, calibrated_table
+    from zeroplan.core.errors import InvalidInput
+    from zeroplan.lab.jsonl import read as read_results
+    from zeroplan.core.profiles import load_gpu
 
     profile = load_gpu(gpu)
     records = []

@@ -103,10 +103,10 @@ def command(
     json_out: o.Json = False,
 ):
     """Per-GPU memory of one plan: breakdown, peak, capacity and DeepSpeed's own estimate beside it."""
-    from zeroplan.dsconfig import tuned_plan
-    from zeroplan.gpus import choose_gpu
-    from zeroplan.memory import estimate
-    from zeroplan.profiles import load_model
+    from zeroplan.core.tuning import tuned_plan
+    from zeroplan.adapters.gpus import choose_gpu
+    from zeroplan.core.memory import estimate
+    from zeroplan.core.profiles import load_model
 
     profile = load_model(model)
     shape = o.build_shape(micro_batch, seq_len, tiles, grad_ckpt, freeze, lora_rank, profile)

@@ -24,7 +24,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from zeroplan.errors import InvalidInput
+from zeroplan.core.errors import InvalidInput
 
 SPEC_KEYS = {
     "name", "model", "gpus", "gpus_per_node", "stage", "micro_batch", "gradient_accumulation", "global_batch",
@@ -62,10 +62,10 @@ def read_spec(path: Path) -> tuple[str | None, list[dict[str, Any]]]:
 
 def _planned(profile, shape, base, entry: dict[str, Any]):
     """Stage, micro-batch and accumulation from the planner. Its candidates carry tuned buckets
-    (dsconfig.tuned_plan), and the config is rendered from the chosen plan as it is, so it holds
+    (tuning.tuned_plan), and the config is rendered from the chosen plan as it is, so it holds
     exactly the buckets whose memory the planner predicted."""
-    from zeroplan.planner import recommend
-    from zeroplan.profiles import DEFAULT_GPU, load_gpu
+    from zeroplan.core.planner import recommend
+    from zeroplan.core.profiles import DEFAULT_GPU, load_gpu
 
     gpu = load_gpu(str(entry.get("gpu", DEFAULT_GPU)))
     global_batch = entry.get("global_batch")
@@ -89,9 +89,9 @@ def spec_configs(entries: list[dict[str, Any]], flavour: str) -> dict[str, tuple
     """Render every spec entry, with its world size; file names default to
     <model>_<gpus>gpus_zero<stage>.json."""
     from zeroplan.cli.options import build_shape
-    from zeroplan.dsconfig import render
-    from zeroplan.plan import Plan, cluster
-    from zeroplan.profiles import load_model
+    from zeroplan.core.dsconfig import render
+    from zeroplan.core.plan import Plan, cluster
+    from zeroplan.core.profiles import load_model
 
     out: dict[str, tuple[dict[str, Any], int]] = {}
     for entry in entries:
@@ -122,8 +122,8 @@ def validated(configs: dict[str, tuple[dict[str, Any], int | None]]) -> dict[str
     """Each config through DeepSpeed's validation on its world size (an error names the file),
     as file text."""
     from zeroplan.adapters.deepspeed_adapter import validate_config
-    from zeroplan.dsconfig import to_json
-    from zeroplan.errors import InvalidConfig
+    from zeroplan.core.dsconfig import to_json
+    from zeroplan.core.errors import InvalidConfig
 
     texts: dict[str, str] = {}
     for name, (config, world_size) in configs.items():
@@ -162,8 +162,8 @@ Check = Annotated[bool, typer.Option("--check", help="Write nothing; exit 1 with
 
 def command(out: Out, flavour: Flavour = None, spec: Spec = None, check: Check = False):
     """Write tuned DeepSpeed configs (InternVL's set, or those a TOML spec lists), validated by DeepSpeed."""
-    from zeroplan.atomic import write_files_atomic
-    from zeroplan.dsconfig import FLAVOURS, config_set
+    from zeroplan.core.atomic import write_files_atomic
+    from zeroplan.core.dsconfig import FLAVOURS, config_set
 
     if out.exists() and not out.is_dir():
         raise InvalidInput(f"--out {out} is a file, not a folder")

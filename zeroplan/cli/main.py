@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 
 
-from zeroplan.errors import ZeroplanError
+from zeroplan.core.errors import ZeroplanError
 
 VERBS = ("estimate", "recommend", "generate", "validate", "probe", "bench", "report", "calibrate")
 

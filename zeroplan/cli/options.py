@@ -9,8 +9,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from zeroplan.errors import InvalidInput
-from zeroplan.plan import Plan, TrainShape, cluster
+from zeroplan.core.errors import InvalidInput
+from zeroplan.core.plan import Plan, TrainShape, cluster
 
 Model = Annotated[str, typer.Option("--model", "-m", help="Short name (8b, 40b), full name or profile file.")]
 Gpus = Annotated[Optional[int], typer.Option("--gpus", help="Total GPUs (nodes of 8 unless said otherwise).")]

@@ -7,7 +7,7 @@ from zeroplan.cli import options as o
 
 def probe_payload(result) -> dict:
     """The JSON object `probe --json` prints."""
-    from zeroplan.profiles import match_gpu_name
+    from zeroplan.core.profiles import match_gpu_name
 
     gpus = []
     for gpu in result.gpus:

@@ -14,14 +14,14 @@ ENTRY = "internvl/train/internvl_chat_finetune.py"
 
 def _launch_lines(plan, config_path: str) -> dict[str, str]:
     try:
-        from zeroplan.launch import launch_lines
+        from zeroplan.core.launch import launch_lines
     except ImportError:
         return {}
     return launch_lines(plan, ENTRY, config_path)
 
 
 def _render_config(profile, candidate, flavour: str, validator) -> tuple[dict, str]:
-    from zeroplan.dsconfig import render
+    from zeroplan.core.dsconfig import render
 
     config = render(profile, candidate.shape, candidate.plan, candidate.shape.micro_batch,
                     candidate.gradient_accumulation, flavour=flavour)
@@ -53,8 +53,8 @@ def _recipe(given, profile, best, gpu) -> list[str]:
     what padding a misaligned vocabulary would gain (predicted)."""
     from dataclasses import replace
 
-    from zeroplan.profiles import pad_vocab
-    from zeroplan.steptime import ALIGNED_VOCAB_MULTIPLE, step_time
+    from zeroplan.core.profiles import pad_vocab
+    from zeroplan.core.steptime import ALIGNED_VOCAB_MULTIPLE, step_time
 
     shape = best.shape
     lines = []
@@ -158,16 +158,16 @@ def command(
 ):
     """Recommend the fastest ZeRO plan that fits, explain the runners-up, write its DeepSpeed config."""
     from zeroplan.adapters.validator_process import take
-    from zeroplan.atomic import write_atomic
-    from zeroplan.dsconfig import to_json
-    from zeroplan.errors import DoesNotFit, InvalidInput
-    from zeroplan.gpus import choose_gpu
-    from zeroplan.planner import recommend
-    from zeroplan.profiles import load_model
+    from zeroplan.core.atomic import write_atomic
+    from zeroplan.core.dsconfig import to_json
+    from zeroplan.core.errors import DoesNotFit, InvalidInput
+    from zeroplan.adapters.gpus import choose_gpu
+    from zeroplan.core.planner import recommend
+    from zeroplan.core.profiles import load_model
 
     from dataclasses import replace
 
-    from zeroplan.profiles import pad_vocab as padded
+    from zeroplan.core.profiles import pad_vocab as padded
 
     if isinstance(pad_vocab, bool) or not 1 <= pad_vocab <= 4096:
         raise InvalidInput(f"--pad-vocab must be a whole number from 1 to 4096, got {pad_vocab}")

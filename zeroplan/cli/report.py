@@ -14,7 +14,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from zeroplan import report
+from zeroplan.lab import report
 
 
 def command(

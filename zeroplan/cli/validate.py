@@ -15,7 +15,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from zeroplan.cli import options as o
-from zeroplan.errors import DoesNotFit, InvalidConfig
+from zeroplan.core.errors import DoesNotFit, InvalidConfig
 
 MAX_CONFIG_BYTES = 1 << 20
 AutoMicroBatch = Annotated[Optional[int], typer.Option(
@@ -99,11 +99,11 @@ def command(
     """Check a DeepSpeed config with DeepSpeed's own schema and predict whether it fits a model and cluster."""
     from zeroplan.adapters.deepspeed_adapter import validate_config
     from zeroplan.cli.estimate import deepspeed_baseline, estimate_payload
-    from zeroplan.dsconfig import plan_from_config
-    from zeroplan.gpus import choose_gpu
-    from zeroplan.memory import estimate
-    from zeroplan.plan import cluster
-    from zeroplan.profiles import load_gpu, load_model
+    from zeroplan.core.config_reader import plan_from_config
+    from zeroplan.adapters.gpus import choose_gpu
+    from zeroplan.core.memory import estimate
+    from zeroplan.core.plan import cluster
+    from zeroplan.core.profiles import load_gpu, load_model
 
     per_node, node_count = cluster(gpus, nodes, gpus_per_node)
     profile = load_model(model)

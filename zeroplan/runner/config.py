@@ -1,9 +1,9 @@
-"""The DeepSpeed config a run trains under: zeroplan.dsconfig.render's concrete flavour, or, while
+"""The DeepSpeed config a run trains under: zeroplan.core.dsconfig.render's concrete flavour, or, while
 that module is not importable, a minimal local config (FALLBACK_NOTE says which was used)."""
 
 from __future__ import annotations
 
-FALLBACK_NOTE = "zeroplan.runner.config.fallback_config (zeroplan.dsconfig.render not importable)"
+FALLBACK_NOTE = "zeroplan.runner.config.fallback_config (zeroplan.core.dsconfig.render not importable)"
 
 
 def fallback_config(plan, micro_batch: int, gradient_clipping: float = 1.0) -> dict:
@@ -42,13 +42,13 @@ def deepspeed_config(profile, shape, plan, micro_batch: int, lr: float, client_o
     and allows it through ZeRO's untested-optimizer check; otherwise DeepSpeed builds AdamW
     (DeepSpeedCPUAdam under optimizer offload)."""
     try:
-        from zeroplan.dsconfig import render
+        from zeroplan.core.dsconfig import render
     except ImportError:
         render = None
     if render is not None:
         config = render(profile, shape, plan, micro_batch, gradient_accumulation, flavour="concrete", lr=lr,
                         optimizer="client" if client_optimizer else "adamw")
-        source = "zeroplan.dsconfig.render"
+        source = "zeroplan.core.dsconfig.render"
     else:
         config = fallback_config(plan, micro_batch)
         config["gradient_accumulation_steps"] = gradient_accumulation

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from zeroplan.errors import InvalidInput
-from zeroplan.profiles import ModelProfile
+from zeroplan.core.errors import InvalidInput
+from zeroplan.core.profiles import ModelProfile
 
 PAD_ID, BOS_ID, FIRST_BYTE_ID = 0, 1, 3
 IGNORE = -100

@@ -8,7 +8,7 @@
   (`apply_liger_kernel_to_internvl`), CUDA only.
 - torch.compile of each LLM decoder layer and vision encoder layer (regional compilation: one
   graph per layer class, reused by every layer).
-- (the vocabulary padding the runner's `vocab_multiple` asks for is zeroplan.profiles.pad_vocab:
+- (the vocabulary padding the runner's `vocab_multiple` asks for is zeroplan.core.profiles.pad_vocab:
   the model is built from the padded profile.)
 """
 

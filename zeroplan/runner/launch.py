@@ -19,8 +19,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from zeroplan.errors import InvalidInput
-from zeroplan.runner.spec import RunSpec
+from zeroplan.core.errors import InvalidInput
+from zeroplan.core.run import RunSpec
 
 LAUNCHERS = ("torchrun", "deepspeed")
 TRAIN_MODULE = "zeroplan.runner.train"

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-from zeroplan.flops import step_flops
+from zeroplan.core.flops import step_flops
 
 
 @dataclass
@@ -143,7 +143,7 @@ class MemoryHistory:
     (rank 0 only): torch.cuda.memory._record_memory_history from before the model is built to the
     end of the run, then every allocator event (alloc, free, segment_alloc, segment_free...) with
     its size, address and stream, as gzipped JSON. What zeroplan's allocator replay
-    (zeroplan.allocator) can be checked against event by event. Off by default (it slows the run)."""
+    (zeroplan.core.allocator) can be checked against event by event. Off by default (it slows the run)."""
 
     path: str | None = None
 
@@ -304,7 +304,7 @@ def prediction(profile, shape, plan, gpu, gradient_accumulation: int = 1) -> dic
     """zeroplan's memory estimate for the run, its accumulation included (None fields when the
     estimator is unavailable)."""
     try:
-        from zeroplan.memory import estimate
+        from zeroplan.core.memory import estimate
 
         breakdown = estimate(profile, shape, plan, gpu, gradient_accumulation=gradient_accumulation,
                              compiled=shape.compiled)

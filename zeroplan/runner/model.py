@@ -8,8 +8,8 @@ import contextlib
 import hashlib
 from pathlib import Path
 
-from zeroplan.errors import InvalidInput
-from zeroplan.profiles import LanguageModel, ModelProfile, VisionTower, load_model
+from zeroplan.core.errors import InvalidInput
+from zeroplan.core.profiles import LanguageModel, ModelProfile, VisionTower, load_model
 
 TOWER_PREFIXES = {"vision": ("model.vision_tower.",), "projector": ("model.multi_modal_projector.",),
                   "llm": ("model.language_model.", "lm_head.")}
@@ -56,7 +56,7 @@ def resolve(spec) -> tuple[ModelProfile, int]:
         config = transformers.AutoConfig.from_pretrained(spec.model, local_files_only=True)
         return profile_from_hf_config(config, spec.model), int(config.image_token_id)
     from zeroplan.adapters.hf_model import image_token_id
-    from zeroplan.profiles import pad_vocab
+    from zeroplan.core.profiles import pad_vocab
 
     profile = pad_vocab(load_model(spec.model), spec.vocab_multiple)
     return profile, image_token_id(profile)

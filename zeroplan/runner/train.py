@@ -16,7 +16,7 @@ import os
 import sys
 from pathlib import Path
 
-from zeroplan.runner.spec import RunSpec
+from zeroplan.core.run import RunSpec
 
 EXIT_OK, EXIT_ERROR, EXIT_OOM = 0, 1, 3
 STABLE_KEYS = ("model", "stage", "micro_batch", "seq_len", "tiles", "grad_ckpt", "world_size", "status", "device",
@@ -62,8 +62,8 @@ def make_optimizer(spec: RunSpec, params: list, cuda: bool):
 
     if spec.offload_optimizer != "none":
         return None
-    if spec.optimizer_group_elems:  # the planned groups (zeroplan.partition.optimizer_groups)
-        from zeroplan.partition import optimizer_groups
+    if spec.optimizer_group_elems:  # the planned groups (zeroplan.core.partition.optimizer_groups)
+        from zeroplan.core.partition import optimizer_groups
 
         groups, start = [], 0
         for sizes in optimizer_groups(tuple(p.numel() for p in params), spec.optimizer_group_elems):
@@ -86,7 +86,7 @@ def train(spec: RunSpec, cuda: bool, rank: int, world_size: int, local_rank: int
         raise RuntimeError(f"launched with {world_size} ranks but the spec asks for {spec.world_size}")
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     profile, image_token_id = model_setup.resolve(spec)
-    from zeroplan.dsconfig import tuned_plan
+    from zeroplan.core.tuning import tuned_plan
 
     # The plan the DeepSpeed config carries (buckets and ZeRO-3 knobs tuned to the model), so the
     # prediction and the run describe the same thing.
@@ -169,7 +169,7 @@ def model_inputs(batch, spec: RunSpec, device) -> dict:
 def predicted_step(profile, shape, plan, gpu, gradient_accumulation: int = 1) -> dict:
     """zeroplan's step-time model for one optimizer step of the run (all its micro-steps, as
     step_time_s measures)."""
-    from zeroplan.steptime import step_time
+    from zeroplan.core.steptime import step_time
 
     time = step_time(profile, shape, plan, gpu, gradient_accumulation)
     return {"predicted_step_time_s": time.step_s, "predicted_tokens_per_s": time.tokens_per_s,
@@ -196,7 +196,7 @@ def mean_over_ranks(value) -> float:
 
 def resolve_gpu(spec: RunSpec, cuda: bool):
     """The spec's GPU profile; else the bundled one matching the device's name; else the default."""
-    from zeroplan.profiles import DEFAULT_GPU, load_gpu, match_gpu_name
+    from zeroplan.core.profiles import DEFAULT_GPU, load_gpu, match_gpu_name
 
     if spec.gpu:
         return load_gpu(spec.gpu)
@@ -259,7 +259,7 @@ def finish(result: dict) -> dict:
 
 def write_result(path: str, result: dict) -> None:
     """Atomic write: the sweep never reads half a result."""
-    from zeroplan.atomic import write_atomic
+    from zeroplan.core.atomic import write_atomic
 
     write_atomic(path, json.dumps(result, indent=1, sort_keys=True, default=str) + "\n")
 

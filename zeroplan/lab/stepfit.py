@@ -1,6 +1,6 @@
 """Fit the step-time model's per-GPU constants to measured runs (used by `zeroplan calibrate`).
 
-Every term of zeroplan.steptime is a measured quantity (FLOPs, layer passes, tensor visits, module
+Every term of zeroplan.core.steptime is a measured quantity (FLOPs, layer passes, tensor visits, module
 passes) times one constant of the GPU and its software stack, so the step time is linear in
 (1/compute_efficiency, 1/misaligned_gemm_efficiency - 1/compute_efficiency, layer_overhead_s,
 compiled_layer_overhead_s, recompute_layer_overhead_s, step_tensor_overhead_s,
@@ -17,11 +17,11 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from zeroplan.dsconfig import tuned_plan
-from zeroplan.errors import InvalidInput
-from zeroplan.plan import Plan, TrainShape
-from zeroplan.profiles import GPUProfile, ModelProfile, load_gpu, load_model, pad_vocab
-from zeroplan.steptime import StepTerms, constants, seconds_of, step_terms
+from zeroplan.core.tuning import tuned_plan
+from zeroplan.core.errors import InvalidInput
+from zeroplan.core.plan import Plan, TrainShape
+from zeroplan.core.profiles import GPUProfile, ModelProfile, load_gpu, load_model, pad_vocab
+from zeroplan.core.steptime import StepTerms, constants, seconds_of, step_terms
 
 NAMES = ("compute_efficiency", "misaligned_gemm_efficiency", "layer_overhead_s", "compiled_layer_overhead_s",
          "recompute_layer_overhead_s", "step_tensor_overhead_s", "stage3_module_overhead_s")
@@ -45,7 +45,7 @@ class TimedRun:
 
 def timed_run(record: dict, gpu: GPUProfile | None = None) -> TimedRun | None:
     """The record of a finished runner result as a TimedRun (None if it has no step time)."""
-    from zeroplan.runner.spec import RunSpec
+    from zeroplan.core.run import RunSpec
 
     if record.get("status") != "ok" or not record.get("step_time_s") or not record.get("spec"):
         return None
@@ -58,7 +58,7 @@ def timed_run(record: dict, gpu: GPUProfile | None = None) -> TimedRun | None:
         # Time follows the work done: runs whose samples drew fewer tiles than the maximum did less.
         shape = dataclasses.replace(shape, tiles=max(0, round(float(drawn))))
     gpu = gpu or load_gpu(record.get("gpu_profile") or record.get("device") or "h100")
-    from zeroplan.bench import describe
+    from zeroplan.lab.bench import describe
 
     return TimedRun(describe(spec), profile, shape, plan, gpu, spec.gradient_accumulation, float(record["step_time_s"]))
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from zeroplan.profiles import DEFAULT_GPU, GPUProfile, load_gpu, match_gpu_name
+from zeroplan.core.profiles import DEFAULT_GPU, GPUProfile, load_gpu, match_gpu_name
 
 
 @dataclass(frozen=True)

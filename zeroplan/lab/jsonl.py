@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from zeroplan.errors import InvalidInput
+from zeroplan.core.errors import InvalidInput
 
 POINT_ID_KEY = "point_id"
 

@@ -7,13 +7,14 @@ from __future__ import annotations
 import itertools
 import math
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from types import MappingProxyType
+from typing import Any, Mapping
 
-from zeroplan.errors import InvalidInput
-from zeroplan.profiles import load_model
-from zeroplan.runner.spec import RunSpec
+from zeroplan.core.errors import InvalidInput
+from zeroplan.core.profiles import load_model
+from zeroplan.core.run import RunSpec
 
 OFFLOADS = {"none": ("none", "none"), "optimizer": ("cpu", "none"), "optimizer+params": ("cpu", "cpu")}
 LAUNCHERS = ("torchrun", "deepspeed")
@@ -22,7 +23,10 @@ MAX_SWEEP_BYTES = 1 << 20
 
 @dataclass(frozen=True)
 class Grid:
-    """The axes of a sweep (every combination is a point) and the settings every point shares."""
+    """The axes of a sweep (every combination is a point) and the settings every point shares.
+
+    The axes are lists of RunSpec values; `run` holds any other RunSpec field (steps,
+    world_size, packed, ...). RunSpec declares them all, once: `run` is checked against it."""
 
     models: tuple[str, ...]
     stages: tuple[int, ...] = (0, 1, 2, 3)
@@ -33,21 +37,7 @@ class Grid:
     tiles: tuple[int, ...] = (7,)
     frozen: tuple[tuple[str, ...], ...] = ((),)
     lora_ranks: tuple[int, ...] = (0,)
-    steps: int = 8
-    warmup_steps: int = 3
-    world_size: int = 1
-    gpu: str | None = None
-    dataset: str | None = None
-    seed: int = 0
-    attn_implementation: str = "sdpa"
-    packed: bool = False
-    fixed_tiles: bool = False
-    kernels: str = "eager"
-    compile: bool = False
-    gradient_accumulation: int = 1
-    vocab_multiple: int = 1
-    ckpt_layers: int | None = None
-    optimizer_group_elems: int = 0
+    run: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
         for axis in ("models", "stages", "micro_batches", "grad_ckpt", "offloads", "seq_lens", "tiles",
@@ -57,6 +47,8 @@ class Grid:
         unknown = set(self.offloads) - set(OFFLOADS)
         if unknown:
             raise InvalidInput(f"offload must be one of {', '.join(OFFLOADS)}, got {', '.join(sorted(unknown))}")
+        _reject_unknown(self.run, RUN_KEYS, "sweep [run]")
+        object.__setattr__(self, "run", MappingProxyType(dict(self.run)))
 
 
 @dataclass(frozen=True)
@@ -116,10 +108,12 @@ def expand(grid: Grid) -> list[RunSpec]:
         offload_optimizer, offload_params = OFFLOADS[offload]
         if (offload_optimizer != "none" and stage == 0) or (offload_params != "none" and stage != 3):
             continue
-        run = {key: getattr(grid, key) for key in RUN_KEYS}
+        run = dict(grid.run)
         # where possible, as with offloads: layer counts need checkpointing, groups ZeRO-1/2
-        run["ckpt_layers"] = grid.ckpt_layers if grad_ckpt else None
-        run["optimizer_group_elems"] = grid.optimizer_group_elems if stage in (1, 2) else 0
+        if not grad_ckpt:
+            run["ckpt_layers"] = None
+        if stage not in (1, 2):
+            run["optimizer_group_elems"] = 0
         spec = RunSpec(model=model, stage=stage, micro_batch=micro_batch, seq_len=seq_len, tiles=tiles,
                        grad_ckpt=grad_ckpt, frozen=tuple(frozen), lora_rank=lora_rank,
                        offload_optimizer=offload_optimizer, offload_params=offload_params, **run)
@@ -129,12 +123,14 @@ def expand(grid: Grid) -> list[RunSpec]:
     return specs
 
 
+# [grid] key -> Grid axis -> the RunSpec field(s) it sets ("offload" sets both offload fields).
 GRID_KEYS = {"models": "models", "stages": "stages", "micro_batch": "micro_batches", "grad_ckpt": "grad_ckpt",
              "offload": "offloads", "seq_len": "seq_lens", "tiles": "tiles", "frozen": "frozen",
              "lora_rank": "lora_ranks"}
-RUN_KEYS = ("steps", "warmup_steps", "world_size", "gpu", "dataset", "seed", "attn_implementation", "packed",
-            "fixed_tiles", "kernels", "compile", "gradient_accumulation", "vocab_multiple", "ckpt_layers",
-            "optimizer_group_elems")
+AXIS_FIELDS = ("model", "stage", "micro_batch", "grad_ckpt", "offload_optimizer", "offload_params", "seq_len",
+               "tiles", "frozen", "lora_rank")
+# Every other RunSpec field is a [run] setting every point shares.
+RUN_KEYS = tuple(f.name for f in fields(RunSpec) if f.name not in AXIS_FIELDS)
 SWEEP_KEYS = ("name", "description", "launcher", "timeout_s", "grid", "run", "variants")
 
 
@@ -171,8 +167,8 @@ def load_sweep(path: str | Path) -> Sweep:
                                          for key, value in variant.items() if key in GRID_KEYS}})
         variants_run.append({**run_data, **{key: value for key, value in variant.items() if key in RUN_KEYS}})
     try:
-        grid = Grid(**axes, **run_data)
-        variants = tuple(Grid(**a, **r) for a, r in zip(variants_axes, variants_run))
+        grid = Grid(**axes, run=run_data)
+        variants = tuple(Grid(**a, run=r) for a, r in zip(variants_axes, variants_run))
         return Sweep(grid=grid, name=str(data.get("name", path.stem)), launcher=data.get("launcher", "torchrun"),
                      timeout_s=data.get("timeout_s", 600.0), variants=variants)
     except TypeError as error:

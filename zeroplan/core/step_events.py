@@ -1,24 +1,24 @@
 """The allocations and frees of training steps of InternVL under DeepSpeed, in the order the GPU
-sees them, for zeroplan.allocator to replay.
+sees them, for zeroplan.core.allocator to replay.
 
-Tensor sizes are those zeroplan.activations counts (read off transformers 5.17's modules and
+Tensor sizes are those zeroplan.core.activations counts (read off transformers 5.17's modules and
 PyTorch's derivative rules); the order follows the forward code (norm, q/k/v, rotary, attention,
 o_proj and residual, norm, gate/up/SiLU/product, down and residual), the loss of
 ForCausalLMLoss (bf16 logits, their fp32 upcast, log_softmax; in backward nll_loss's dense
 gradient, log_softmax's input gradient, the bf16 gradient), autograd's reverse walk (a checkpointed
 layer is recomputed first, then its saved tensors are released as their backward runs) and
-DeepSpeed 0.19.8's model states, buckets and optimizer step (zeroplan.zero_events). Tensors under
+DeepSpeed 0.19.8's model states, buckets and optimizer step (zeroplan.core.zero_events). Tensors under
 1 MiB are left out: they live in the small pool's 2 MiB segments and do not move the peak.
 """
 
 from __future__ import annotations
 
-from zeroplan.activations import BF16, FP32
-from zeroplan.allocator import CUBLAS_WORKSPACE, Trace
-from zeroplan.partition import ModelStateBytes
-from zeroplan.plan import Plan, TrainShape
-from zeroplan.profiles import ModelProfile
-from zeroplan.zero_events import ZeroEvents, gathered
+from zeroplan.core.activations import BF16, FP32
+from zeroplan.core.allocator import CUBLAS_WORKSPACE, Trace
+from zeroplan.core.partition import ModelStateBytes
+from zeroplan.core.plan import Plan, TrainShape
+from zeroplan.core.profiles import ModelProfile
+from zeroplan.core.zero_events import ZeroEvents, gathered
 
 
 def _norm(trace: Trace, tokens: int, width: int, layer_in: str, fused: bool) -> tuple[str, list[str]]:
@@ -216,7 +216,7 @@ def _loss(trace: Trace, profile: ModelProfile, shape: TrainShape, plan: Plan, de
         trace.free(hidden)
     gather = gathered(trace, plan, head_elems)
     if fused:
-        from zeroplan.activations import fused_linear_cross_entropy_chunk
+        from zeroplan.core.activations import fused_linear_cross_entropy_chunk
 
         chunk = fused_linear_cross_entropy_chunk(tokens, llm.hidden_size, llm.vocab_size)
         grad = trace.malloc("flce.grad_input", BF16 * tokens * llm.hidden_size)
@@ -256,7 +256,7 @@ def training_events(profile: ModelProfile, shape: TrainShape, plan: Plan, states
                     buffer_bytes: int, steps: int = 5, step_tiles: tuple[int, ...] | None = None,
                     compiled: bool = False, accumulation: int = 1) -> list:
     """Events of the engine's set-up and `steps` training steps. `buffer_bytes` are ZeRO-1/2's
-    gradient buckets (zeroplan.memory.communication_buffer_bytes). `step_tiles` gives each step's
+    gradient buckets (zeroplan.core.memory.communication_buffer_bytes). `step_tiles` gives each step's
     tiles in the micro-batch (every step holds micro_batch × tiles when not given); a different
     tile count changes the vision tower's tensor sizes, and with them which cached blocks fit.
     `compiled` decoder layers allocate what the min-cut partition keeps, without eager's fp32

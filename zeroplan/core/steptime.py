@@ -3,7 +3,7 @@
 One optimizer step = gradient_accumulation micro-steps, each a forward and backward on one
 micro-batch per GPU, plus what a stage does once per step. The figures per term:
 
-- compute: model FLOPs (zeroplan.flops) plus the recomputed forward under checkpointing, at
+- compute: model FLOPs (zeroplan.core.flops) plus the recomputed forward under checkpointing, at
   `compute_efficiency` of the GPU's dense bf16 peak (measured by `zeroplan calibrate`);
 - memory-bound work: norms, rotary, activations and the fp32 loss over the vocabulary move about
   four times their saved bytes (written in forward, read by the next op, read and written in
@@ -50,11 +50,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from zeroplan.activations import activation_bytes
-from zeroplan.flops import backward_factors, shape_flops
-from zeroplan.params import count_parameters, lora_tensors, model_tensors
-from zeroplan.plan import Plan, TrainShape
-from zeroplan.profiles import GPUProfile, ModelProfile
+from zeroplan.core.activations import activation_bytes
+from zeroplan.core.flops import backward_factors, shape_flops
+from zeroplan.core.params import count_parameters, lora_tensors, model_tensors
+from zeroplan.core.plan import Plan, TrainShape
+from zeroplan.core.profiles import GPUProfile, ModelProfile
 
 DEFAULT_COMPUTE_EFFICIENCY = 0.45
 MEMORY_TRAFFIC_PER_SAVED_BYTE = 4
@@ -63,7 +63,7 @@ OVERLAP_INTERFERENCE = 0.1
 ADAM_BYTES_PER_ELEM = 32
 # Host-side costs (Python, DeepSpeed's hooks, kernel launches) are properties of the software stack
 # and the host CPU more than of the GPU. Until a GPU is calibrated it takes the H100's, fitted by
-# zeroplan calibrate over 61 H100 runs (2026-11-25; profiles/gpus/h100-80gb.toml says which).
+# zeroplan calibrate over 61 H100 runs (2026-11-25; zeroplan/profiles/gpus/h100-80gb.toml says which).
 DEFAULT_STAGE3_MODULE_OVERHEAD_S = 0.0018677
 DEFAULT_LAYER_OVERHEAD_S = 0.0036081
 DEFAULT_COMPILED_LAYER_OVERHEAD_S = 0.0004155

@@ -11,7 +11,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from zeroplan.errors import InvalidInput
+from zeroplan.core.errors import InvalidInput
 
 
 def _to_bytes(content: str | bytes) -> bytes:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import io
 
-from zeroplan.report import BREAKDOWN_TERMS, GIB, Point, measured_value, predicted_terms, short_shape
+from zeroplan.lab.points import BREAKDOWN_TERMS, GIB, Point, measured_value, predicted_terms, short_shape
 
 
 def _figure(width: float, height: float):

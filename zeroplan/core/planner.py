@@ -15,11 +15,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from zeroplan.errors import DoesNotFit, InvalidInput
-from zeroplan.memory import MemoryBreakdown, estimate
-from zeroplan.plan import Plan, TrainShape
-from zeroplan.profiles import GPUProfile, ModelProfile
-from zeroplan.steptime import StepTime, step_time
+from zeroplan.core.errors import DoesNotFit, InvalidInput
+from zeroplan.core.memory import MemoryBreakdown, estimate
+from zeroplan.core.plan import Plan, TrainShape
+from zeroplan.core.profiles import GPUProfile, ModelProfile
+from zeroplan.core.steptime import StepTime, step_time
 
 TIE_FRACTION = 0.01
 STAGE_PREFERENCE = {1: 0, 2: 1, 0: 2, 3: 3}
@@ -77,9 +77,9 @@ def per_gpu_batch(global_batch: int, world_size: int) -> int:
 def candidate_plans(profile: ModelProfile, base: Plan, shape: TrainShape, per_gpu: int, stages=(0, 1, 2, 3),
                     allow_offload: bool = True, speed: bool = True):
     """Yield (plan, shape, accumulation) for every combination worth predicting; each plan's buckets
-    and ZeRO-3 settings are the tuned ones its DeepSpeed config will carry (dsconfig.tuned_plan).
+    and ZeRO-3 settings are the tuned ones its DeepSpeed config will carry (tuning.tuned_plan).
     `speed` adds the fused loss as an alternative and compiles the layers under stages 0-2."""
-    from zeroplan.dsconfig import tuned_plan
+    from zeroplan.core.tuning import tuned_plan
 
     for stage in stages:
         offloads = [("none", "none")]

@@ -2,11 +2,11 @@
 peak over the phases of a step (not the sum: the loss's logits, the recomputed layer and the full
 gradients are not all alive at once).
 
-Model-state bytes come from zeroplan.partition (exact ZeRO partitions, checked against real
-DeepSpeed engines), activations from zeroplan.activations; this module adds DeepSpeed's
+Model-state bytes come from zeroplan.core.partition (exact ZeRO partitions, checked against real
+DeepSpeed engines), activations from zeroplan.core.activations; this module adds DeepSpeed's
 communication buffers and takes the allocated peak over the phases. The reserved peak (what
 decides an out-of-memory error) comes from replaying PyTorch's caching allocator over the steps'
-allocations and frees (zeroplan.allocator, zeroplan.step_events); the CUDA context on top is the
+allocations and frees (zeroplan.core.allocator, zeroplan.core.step_events); the CUDA context on top is the
 device profile's, measured by `zeroplan calibrate`.
 """
 
@@ -15,13 +15,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 
-from zeroplan.activations import ActivationBytes, activation_bytes
-from zeroplan.allocator import replay
-from zeroplan.params import count_parameters, model_tensors
-from zeroplan.partition import ModelStateBytes, model_state_bytes, optimizer_step_grad_bytes, trainable_numels
-from zeroplan.plan import Plan, TrainShape
-from zeroplan.profiles import GPUProfile, ModelProfile
-from zeroplan.step_events import training_events
+from zeroplan.core.activations import ActivationBytes, activation_bytes
+from zeroplan.core.allocator import replay
+from zeroplan.core.params import count_parameters, model_tensors
+from zeroplan.core.partition import ModelStateBytes, model_state_bytes, optimizer_step_grad_bytes, trainable_numels
+from zeroplan.core.plan import Plan, TrainShape
+from zeroplan.core.profiles import GPUProfile, ModelProfile
+from zeroplan.core.step_events import training_events
 
 BF16 = 2
 FP32 = 4
@@ -110,7 +110,7 @@ def communication_buffer_bytes(profile: ModelProfile, plan: Plan, trainable_elem
 
 def step_transient_bytes(profile: ModelProfile, shape: TrainShape, plan: Plan) -> int:
     """Temporaries of the optimizer step: the fp32 copy of the rank's gradients Adam reads
-    (zeroplan.partition.optimizer_step_grad_bytes: every gradient under ZeRO-0, the rank's slice
+    (zeroplan.core.partition.optimizer_step_grad_bytes: every gradient under ZeRO-0, the rank's slice
     under ZeRO-1/2, one sub-group under ZeRO-3; none with the optimizer offloaded)."""
     return max(optimizer_step_grad_bytes(profile, shape, plan, rank) for rank in _ranks(plan))
 
@@ -241,8 +241,8 @@ def reserved_bytes(profile: ModelProfile, shape: TrainShape, plan: Plan, states:
                    step: int, capacity: int, step_tiles: tuple[int, ...] | None = None,
                    compiled: bool = False, accumulation: int = 1) -> tuple[int, int]:
     """(peak reserved, peak allocated) of PyTorch's caching allocator over the runner's five steps,
-    by replaying the steps' allocations and frees (zeroplan.step_events) through the allocator's
-    rules (zeroplan.allocator). Reserved exceeds allocated because freed blocks stay cached in their
+    by replaying the steps' allocations and frees (zeroplan.core.step_events) through the allocator's
+    rules (zeroplan.core.allocator). Reserved exceeds allocated because freed blocks stay cached in their
     segments, and a large request (the loss's vocabulary-wide blocks above all) that finds them
     split by smaller live tensors gets a new segment; nothing here is fitted to measurements."""
     # ZeRO-1 and ZeRO-2 allocate alike in DeepSpeed 0.19.8 (same partition, buckets and step), so
@@ -292,7 +292,7 @@ def estimate(profile: ModelProfile, shape: TrainShape, plan: Plan, gpu: GPUProfi
     the allocated one is that of the largest micro-batch, which `shape` describes.
     `gradient_accumulation` > 1 adds what DeepSpeed holds between micro-steps
     (accumulated_gradient_bytes); `compiled`: the decoder layers run under torch.compile
-    (zeroplan.activations.llm_layer_bytes_per_token)."""
+    (zeroplan.core.activations.llm_layer_bytes_per_token)."""
     states = _most_loaded_rank_states(profile, replace(shape, micro_batch=1, grad_ckpt=False, ckpt_layers=None), plan)
     compiled = compiled or bool(getattr(shape, "compiled", False))
     acts = activation_bytes(profile, shape, compiled)

@@ -7,10 +7,10 @@ datasheet gives them. Each is read off the runs by one rule:
   cuBLAS workspaces that torch's allocator does not see), the median over runs;
 - the step-time constants (compute_efficiency, layer_overhead_s, compiled_layer_overhead_s,
   recompute_layer_overhead_s, step_tensor_overhead_s, stage3_module_overhead_s): a non-negative
-  least-squares fit of the measured step times to zeroplan.steptime's terms (zeroplan.stepfit).
+  least-squares fit of the measured step times to zeroplan.core.steptime's terms (zeroplan.lab.stepfit).
 
-The reserved memory above the allocated one is not a constant: zeroplan.memory replays the
-caching allocator's rules (zeroplan.allocator) over the run's allocations. Calibration checks that
+The reserved memory above the allocated one is not a constant: zeroplan.core.memory replays the
+caching allocator's rules (zeroplan.core.allocator) over the run's allocations. Calibration checks that
 replay on the user's runs and records its median and worst relative error
 (allocator_replay_median_error, allocator_replay_worst_error): large values mean this PyTorch
 build allocates differently (e.g. `expandable_segments`), not a factor to multiply by; estimates
@@ -25,15 +25,15 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass, replace
 
-from zeroplan.errors import InvalidInput
-from zeroplan.plan import Plan, TrainShape
-from zeroplan.profiles import GPUProfile, load_model
-from zeroplan.records import gradient_accumulation, record_profile, record_shape, spec_shape, step_tiles
+from zeroplan.core.errors import InvalidInput
+from zeroplan.core.plan import Plan, TrainShape
+from zeroplan.core.profiles import GPUProfile, load_model
+from zeroplan.lab.records import gradient_accumulation, record_profile, record_shape, spec_shape, step_tiles
 
 @dataclass(frozen=True)
 class RunPoint:
     """What calibration needs from one result line: the shape it really ran (tiles of its largest
-    micro-batch; zeroplan.records), the spec's shape for the step-time fit, each step's tiles and
+    micro-batch; zeroplan.lab.records), the spec's shape for the step-time fit, each step's tiles and
     the micro-steps per step for the memory replay."""
 
     shape: TrainShape
@@ -52,7 +52,7 @@ class RunPoint:
 
 def points_from_records(records: list[dict]) -> list[RunPoint]:
     """The usable lines of a results file (status ok, measured on a GPU)."""
-    from zeroplan.dsconfig import tuned_plan
+    from zeroplan.core.tuning import tuned_plan
 
     points = []
     for record in records:
@@ -76,8 +76,8 @@ def points_from_records(records: list[dict]) -> list[RunPoint]:
 def fit_memory(points: list[RunPoint], gpu: GPUProfile) -> dict[str, float | int]:
     """The CUDA context (median over the runs), and the allocator replay's error on the runs'
     reserved peaks as a check (see the module docstring)."""
-    from zeroplan.memory import estimate
-    from zeroplan.profiles import pad_vocab
+    from zeroplan.core.memory import estimate
+    from zeroplan.core.profiles import pad_vocab
 
     if not points:
         raise InvalidInput("no finished GPU run in the results: nothing to calibrate from")
@@ -108,8 +108,8 @@ def calibrate(records: list[dict], gpu: GPUProfile) -> dict[str, float | int]:
 def fit_step_constants(records: list[dict], gpu: GPUProfile) -> dict[str, float]:
     """The step-time constants fitted to the finished single-GPU runs without offload (ZeRO-3 with
     compiled layers left out: zeroplan never plans it, its hooks split the compiled graphs; ZeRO-3
-    runs timed before they were steady left out too: zeroplan.stepfit.steady)."""
-    from zeroplan.stepfit import fit, steady, timed_run
+    runs timed before they were steady left out too: zeroplan.lab.stepfit.steady)."""
+    from zeroplan.lab.stepfit import fit, steady, timed_run
 
     runs = []
     for record in records:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
-from zeroplan.profiles import LanguageModel, ModelProfile, VisionTower
+from zeroplan.core.profiles import LanguageModel, ModelProfile, VisionTower
 
 TOWERS = ("vision", "projector", "llm")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

@@ -10,8 +10,8 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, fields
 
-from zeroplan.errors import InvalidInput
-from zeroplan.plan import KERNELS, OFFLOAD_DEVICES, Plan, TrainShape
+from zeroplan.core.errors import InvalidInput
+from zeroplan.core.plan import KERNELS, OFFLOAD_DEVICES, Plan, TrainShape
 
 TOWERS = ("vision", "projector", "llm")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "varlen")

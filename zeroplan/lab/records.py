@@ -13,8 +13,9 @@ from __future__ import annotations
 import dataclasses
 import random
 
-from zeroplan.plan import TrainShape
-from zeroplan.profiles import ModelProfile, load_model
+from zeroplan.core.plan import TrainShape
+from zeroplan.core.run import RunSpec
+from zeroplan.core.profiles import ModelProfile, load_model
 
 # Commit 7f0861d (runner: tiles is the most a sample holds) replaced the first draw rule.
 FIRST_DRAW_RULE_UNTIL = "2026-11-25T13:19:21+00:00"
@@ -101,19 +102,16 @@ def record_shape(record: dict) -> TrainShape:
 
 
 def _shape(spec: dict, tiles: int) -> TrainShape:
-    """The spec's TrainShape with `tiles`; options TrainShape does not have (yet) are left out."""
-    fields = dict(micro_batch=spec["micro_batch"], seq_len=spec["seq_len"], tiles=tiles, grad_ckpt=spec["grad_ckpt"],
-                  frozen=frozenset(spec.get("frozen", ())), lora_rank=spec.get("lora_rank", 0),
-                  packed=bool(spec.get("packed", False)), kernels=spec.get("kernels", "eager"),
-                  compiled=bool(spec.get("compile", False)), ckpt_layers=spec.get("ckpt_layers"))
-    known = {field.name for field in dataclasses.fields(TrainShape)}
-    return TrainShape(**{key: value for key, value in fields.items() if key in known})
+    """The spec's TrainShape (as RunSpec builds it) with `tiles`."""
+    known = {field.name for field in dataclasses.fields(RunSpec)}
+    run = RunSpec.from_dict({key: value for key, value in spec.items() if key in known})
+    return dataclasses.replace(run.shape(), tiles=tiles)
 
 
 def record_profile(record: dict) -> ModelProfile:
     """The model profile a result line trained: its vocabulary padded as the runner did
-    (`vocab_multiple`, zeroplan.profiles.pad_vocab)."""
-    from zeroplan.profiles import pad_vocab
+    (`vocab_multiple`, zeroplan.core.profiles.pad_vocab)."""
+    from zeroplan.core.profiles import pad_vocab
 
     return pad_vocab(load_model(record["model"]), int(record["spec"].get("vocab_multiple", 1)))
 

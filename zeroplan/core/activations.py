@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from zeroplan.plan import TrainShape
-from zeroplan.profiles import LanguageModel, ModelProfile, VisionTower
+from zeroplan.core.plan import TrainShape
+from zeroplan.core.profiles import LanguageModel, ModelProfile, VisionTower
 
 BF16 = 2
 FP32 = 4

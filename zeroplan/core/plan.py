@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 
-from zeroplan.errors import InvalidInput
+from zeroplan.core.errors import InvalidInput
 
 OFFLOAD_DEVICES = ("none", "cpu", "nvme")
 KERNELS = ("eager", "liger", "liger-loss")

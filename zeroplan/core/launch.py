@@ -9,7 +9,7 @@ from __future__ import annotations
 import shlex
 from collections.abc import Sequence
 
-from zeroplan.plan import Plan
+from zeroplan.core.plan import Plan
 
 MASTER_PORT = 29500
 CPUS_PER_TASK = 10  # InternVL's shell scripts' CPUS_PER_TASK default

@@ -19,10 +19,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from zeroplan import jsonl
-from zeroplan.errors import InvalidInput
+from zeroplan.lab import jsonl
+from zeroplan.core.errors import InvalidInput
 from zeroplan.runner.launch import free_port, launch_command
-from zeroplan.runner.spec import RunSpec
+from zeroplan.core.run import RunSpec
 
 STATUSES = ("ok", "oom", "timeout", "error")
 OOM_MARKERS = ("out of memory", "outofmemoryerror", "signal 9 (sigkill)", "cannot allocate memory")

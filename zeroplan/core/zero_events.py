@@ -1,6 +1,6 @@
-"""DeepSpeed 0.19.8's allocations on one rank, for zeroplan.step_events: the model states the
+"""DeepSpeed 0.19.8's allocations on one rank, for zeroplan.core.step_events: the model states the
 engine makes at set-up (and what it leaves cached), where each weight gradient goes, and the
-optimizer step's temporaries. The byte counts are zeroplan.partition's; this module only adds when
+optimizer step's temporaries. The byte counts are zeroplan.core.partition's; this module only adds when
 each tensor is made and freed, and on which CUDA stream.
 """
 
@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from zeroplan.activations import BF16, FP32
-from zeroplan.allocator import MAIN_STREAM, REDUCTION_STREAM, Trace
-from zeroplan.partition import (ModelStateBytes, frozen_numels, optimizer_groups, stage3_sub_group_elems, stage12_group_slices,
+from zeroplan.core.activations import BF16, FP32
+from zeroplan.core.allocator import MAIN_STREAM, REDUCTION_STREAM, Trace
+from zeroplan.core.partition import (ModelStateBytes, frozen_numels, optimizer_groups, stage3_sub_group_elems, stage12_group_slices,
                                 trainable_numels)
-from zeroplan.plan import Plan, TrainShape
-from zeroplan.profiles import ModelProfile
+from zeroplan.core.plan import Plan, TrainShape
+from zeroplan.core.profiles import ModelProfile
 
 ALLREDUCE_BUCKET_ELEMS = 500_000_000  # deepspeed/runtime/engine.py MEMORY_OPT_ALLREDUCE_SIZE
 

@@ -1,8 +1,8 @@
 """Model and GPU profiles: data files under profiles/, validated once on load.
 
-A model profile names its vision tower (a file under profiles/vision/ or an inline [vision]
+A model profile names its vision tower (a file under zeroplan/profiles/vision/ or an inline [vision]
 table), the projector's downsample ratio and the LLM's shapes. Derived numbers (parameter
-counts) are computed in zeroplan.params, never typed into a profile.
+counts) are computed in zeroplan.core.params, never typed into a profile.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from zeroplan.errors import InvalidProfile, UnknownGPU, UnknownModel
+from zeroplan.core.errors import InvalidProfile, UnknownGPU, UnknownModel
 
 PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
 DEFAULT_GPU = "a100-80gb"
@@ -193,12 +193,12 @@ def _vision_reference(value: Any, base: Path, where: str) -> VisionTower:
     if isinstance(value, dict):
         return _vision_from(value, f"{where} [vision]")
     if not isinstance(value, str) or not value or "/" in value or "\\" in value or value.startswith("."):
-        raise InvalidProfile(f"{where}: 'vision' must name a file under profiles/vision/ or be a [vision] table")
+        raise InvalidProfile(f"{where}: 'vision' must name a file under zeroplan/profiles/vision/ or be a [vision] table")
     for folder in (base, PROFILES_DIR / "vision"):
         candidate = folder / f"{value}.toml"
         if candidate.is_file():
             return _vision_from(_read_data_file(candidate), str(candidate))
-    raise InvalidProfile(f"{where}: vision tower '{value}' not found under profiles/vision/")
+    raise InvalidProfile(f"{where}: vision tower '{value}' not found under zeroplan/profiles/vision/")
 
 
 def model_from_data(data: dict[str, Any], where: str, base: Path | None = None) -> ModelProfile:
@@ -263,7 +263,7 @@ def load_model(name_or_path: str) -> ModelProfile:
     if found is None:
         known = ", ".join(sorted(k for k in _model_index() if len(k) <= 5))
         raise UnknownModel(f"unknown model '{name_or_path[:80]}': use a short name ({known}), "
-                           "a full name (the files under profiles/models/), or a profile file")
+                           "a full name (the files under zeroplan/profiles/models/), or a profile file")
     return model_from_data(_read_data_file(found), str(found.relative_to(PROFILES_DIR.parent)))
 
 

@@ -20,10 +20,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from zeroplan.errors import InvalidInput
-from zeroplan.params import lora_tensors, model_tensors
-from zeroplan.plan import Plan, TrainShape
-from zeroplan.profiles import ModelProfile
+from zeroplan.core.errors import InvalidInput
+from zeroplan.core.params import lora_tensors, model_tensors
+from zeroplan.core.plan import Plan, TrainShape
+from zeroplan.core.profiles import ModelProfile
 
 BF16_BYTES = 2
 FP32_BYTES = 4

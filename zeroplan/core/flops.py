@@ -21,9 +21,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from zeroplan.params import LORA_TARGETS
-from zeroplan.plan import TrainShape
-from zeroplan.profiles import ModelProfile
+from zeroplan.core.params import LORA_TARGETS
+from zeroplan.core.plan import TrainShape
+from zeroplan.core.profiles import ModelProfile
 
 ORDER = ("vision", "projector", "llm")
 
