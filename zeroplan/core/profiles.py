@@ -264,7 +264,7 @@ def load_model(name_or_path: str) -> ModelProfile:
         known = ", ".join(sorted(k for k in _model_index() if len(k) <= 5))
         raise UnknownModel(f"unknown model '{name_or_path[:80]}': use a short name ({known}), "
                            "a full name (the files under zeroplan/profiles/models/), or a profile file")
-    return model_from_data(_read_data_file(found), str(found.relative_to(PROFILES_DIR.parent)))
+    return model_from_data(_read_data_file(found), str(found.relative_to(PROFILES_DIR.parent.parent)))
 
 
 def gpu_from_data(data: dict[str, Any], where: str) -> GPUProfile:
@@ -316,7 +316,7 @@ def load_gpu(name_or_path: str) -> GPUProfile:
     found = _gpu_index().get(name_or_path.strip().lower())
     if found is None:
         raise UnknownGPU(f"unknown GPU '{name_or_path[:80]}': use one of {', '.join(gpu_names())} or a profile file")
-    return gpu_from_data(_read_data_file(found), str(found.relative_to(PROFILES_DIR.parent)))
+    return gpu_from_data(_read_data_file(found), str(found.relative_to(PROFILES_DIR.parent.parent)))
 
 
 def match_gpu_name(nvml_name: str) -> GPUProfile | None:
