@@ -1,6 +1,14 @@
-"""Shared test set-up: GPU-only tests are skipped where no CUDA device is visible."""
+"""Shared test set-up: GPU-only tests are skipped where no CUDA device is visible, and the quick
+tier (`./zp-test --quick`, the inner loop) is marked: the core's unit tests, which start no process
+and train nothing. The full suite (`./zp-test`, what CI runs) is every test."""
 
 import pytest
+
+# The modules of the quick tier: the pure core and the lab's readers, tested in-process.
+QUICK_MODULES = {
+    "test_layers", "test_partition_unit", "test_allocator", "test_memory", "test_planner", "test_steptime",
+    "test_records", "test_dsconfig", "test_partial_ckpt", "test_report", "test_atomic",
+}
 
 
 def _cuda_available() -> bool:
@@ -12,7 +20,10 @@ def _cuda_available() -> bool:
 
 
 def pytest_collection_modifyitems(config, items):
-    """Skip tests marked `gpu` on machines without a CUDA GPU (CI, developer laptops)."""
+    """Mark the quick tier; skip tests marked `gpu` on machines without a CUDA GPU (CI, laptops)."""
+    for item in items:
+        if item.module.__name__.rsplit(".", 1)[-1] in QUICK_MODULES and "slow" not in item.keywords:
+            item.add_marker(pytest.mark.quick)
     if _cuda_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
