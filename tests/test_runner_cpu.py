@@ -151,7 +151,9 @@ def _check_result(result: dict, stage: int) -> None:
 @pytest.fixture(scope="module")
 def stage_results(tmp_path_factory):
     folder = tmp_path_factory.mktemp("stages")
-    return {stage: run_spec(RunSpec(stage=stage, **TINY), folder / f"stage{stage}", timeout_s=RUN_TIMEOUT_S, env=CPU_ENV)
+    # ZeRO-2 runs as an ordinary loop does (timing "wall"): the same checks hold for it.
+    return {stage: run_spec(RunSpec(stage=stage, timing="wall" if stage == 2 else "sync", **TINY),
+                            folder / f"stage{stage}", timeout_s=RUN_TIMEOUT_S, env=CPU_ENV)
             for stage in (0, 1, 2, 3)}
 
 
@@ -161,6 +163,34 @@ def test_each_stage_trains_and_reports(stage_results, stage):
     result = stage_results[stage]
     _check_result(result, stage)
     assert result["losses"][-1] < result["losses"][0] - 0.01
+
+
+def test_unsynchronised_steps_add_up_to_the_loop_s_wall_time():
+    """Timed boundary to boundary, the steps' times include what the loop does between them, and
+    their sum is the loop's wall time (the final wait counted in the last step)."""
+    import time
+    from types import SimpleNamespace
+
+    from zeroplan.runner.measure import StepMeter
+
+    batch = SimpleNamespace(samples=1, tiles=2, text_tokens=10, image_tokens=20, segment_lengths=[64])
+    meter = StepMeter(load_model("tiny"), TrainShape(seq_len=64, tiles=2), cuda=False, synchronize=False)
+    start = time.perf_counter()
+    for _ in range(3):
+        with meter.step(batch):
+            time.sleep(0.01)
+        time.sleep(0.02)  # outside the step: an ordinary loop's time between steps still counts
+    meter.finish()
+    wall = time.perf_counter() - start
+    seconds = [record.seconds for record in meter.records]
+    assert all(s >= 0.01 for s in seconds) and min(seconds[1:]) >= 0.03
+    assert abs(sum(seconds) - wall) < 0.025  # only the tail sleep after the last step is outside
+
+
+def test_timing_is_sync_or_wall_and_keeps_old_point_ids():
+    assert RunSpec(timing="sync").point_id() == RunSpec().point_id() != RunSpec(timing="wall").point_id()
+    with pytest.raises(InvalidInput, match="timing"):
+        RunSpec(timing="fast")
 
 
 @pytest.mark.slow

@@ -19,7 +19,8 @@ NOT_IN_POINT_ID = frozenset({"steps", "warmup_steps"})
 # Fields added after points were measured: left out of the point id at their default, so the
 # points measured before they existed keep their ids (and sweeps keep resuming).
 LATER_DEFAULTS = {"kernels": "eager", "compile": False, "gradient_accumulation": 1, "vocab_multiple": 1,
-                  "ckpt_layers": None, "optimizer_group_elems": 0}
+                  "ckpt_layers": None, "optimizer_group_elems": 0, "timing": "sync"}
+TIMINGS = ("sync", "wall")
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,10 @@ class RunSpec:
     checkpoints only the first that many decoder layers, every vision layer still (None: all).
     `optimizer_group_elems` (ZeRO-1/2) hands AdamW its parameters in consecutive groups of at most
     that many elements, so DeepSpeed's step converts one group's gradients to fp32 at a time.
+    `timing` "sync" times each step between two CUDA synchronisations and reads the allocator's
+    peaks per phase (forward, backward, step); "wall" runs the steps as an ordinary training loop
+    does (no synchronisation and no per-phase reading inside the loop, the losses read at the end)
+    and times them boundary to boundary on the host, the last one up to a final synchronisation.
     """
 
     model: str = "tiny"
@@ -70,6 +75,7 @@ class RunSpec:
     vocab_multiple: int = 1
     ckpt_layers: int | None = None
     optimizer_group_elems: int = 0
+    timing: str = "sync"
 
     def __post_init__(self):
         object.__setattr__(self, "frozen", tuple(sorted(set(self.frozen))))
@@ -90,6 +96,8 @@ class RunSpec:
             raise InvalidInput(f"lr must be a number between 0 and 1, got {self.lr!r}")
         if self.kernels not in KERNELS:
             raise InvalidInput(f"kernels must be one of {', '.join(KERNELS)}, got {self.kernels!r}")
+        if self.timing not in TIMINGS:
+            raise InvalidInput(f"timing must be one of {', '.join(TIMINGS)}, got {self.timing!r}")
         if self.attn_implementation == "varlen" and not self.packed:
             raise InvalidInput("varlen attention needs packed rows (packed = true)")
         if self.warmup_steps >= self.steps:

@@ -301,6 +301,8 @@ def describe(spec: RunSpec) -> str:
         parts.append(f"lora{spec.lora_rank}")
     if spec.world_size > 1:
         parts.append(f"x{spec.world_size}")
+    if spec.timing != "sync":
+        parts.append(f"timed-{spec.timing}")
     return " ".join(parts + speed_labels(spec))
 
 

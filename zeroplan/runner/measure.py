@@ -28,28 +28,46 @@ class StepRecord:
 
 @dataclass
 class StepMeter:
-    """Times steps (synchronising CUDA so the time is the GPU's) and samples NVML after each."""
+    """Times steps and samples NVML after each.
+
+    Synchronised (the default): each step runs between two CUDA synchronisations, so its time is
+    the GPU's. Unsynchronised (`synchronize=False`, an ordinary training loop's conditions): the host
+    queues the next step's kernels while the GPU runs this one; steps are timed boundary to boundary
+    on the host and `finish()` adds the final synchronisation's wait to the last step, so their sum
+    is the wall time of the loop."""
 
     profile: object
     shape: object
     cuda: bool
     nvml: object = None
+    synchronize: bool = True
     records: list[StepRecord] = field(default_factory=list)
     nvml_used_bytes: list[int] = field(default_factory=list)
     steps_peak_allocated_bytes: int | None = None
+    _boundary: float | None = None
 
     @contextlib.contextmanager
     def step(self, batch):
         """Context around one whole step (forward, backward, optimizer step)."""
-        self._synchronize()
-        start = time.perf_counter()
+        if self.synchronize or self._boundary is None:
+            self._synchronize()
+            self._boundary = time.perf_counter()
         yield
-        self._synchronize()
-        seconds = time.perf_counter() - start
+        if self.synchronize:
+            self._synchronize()
+        now = time.perf_counter()
+        seconds, self._boundary = now - self._boundary, now
         flops = step_flops(self.profile, self.shape, batch.tiles, batch.segment_lengths).total
         self.records.append(StepRecord(seconds, batch.samples, batch.tiles, batch.text_tokens, batch.image_tokens, flops))
         if self.nvml is not None:
             self.nvml_used_bytes.append(self.nvml.used_bytes())
+
+    def finish(self) -> None:
+        """After the last step: wait for the GPU and count the wait in the last step's time."""
+        if self.synchronize or not self.records:
+            return
+        self._synchronize()
+        self.records[-1].seconds += time.perf_counter() - self._boundary
 
     def _synchronize(self):
         if self.cuda:
@@ -69,11 +87,12 @@ class PhasePeaks:
     allocated: dict = field(default_factory=dict)
     reserved: dict = field(default_factory=dict)
     at_start: dict = field(default_factory=dict)
+    enabled: bool = True
 
     @contextlib.contextmanager
     def phase(self, name: str):
-        """Context around one phase of a step."""
-        if not self.cuda:
+        """Context around one phase of a step (nothing is read when disabled)."""
+        if not (self.cuda and self.enabled):
             yield
             return
         import torch

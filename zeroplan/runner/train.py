@@ -117,11 +117,12 @@ def train(spec: RunSpec, cuda: bool, rank: int, world_size: int, local_rank: int
         torch.cuda.reset_peak_memory_stats()
 
     nvml = measure.open_nvml(cuda, local_rank)
+    lean = spec.timing == "wall"  # as an ordinary loop: nothing read or synchronised inside the steps
     # FLOPs (MFU) count the model's real vocabulary, not the padding rows.
-    meter = measure.StepMeter(model_setup.flops_profile(spec, profile), shape, cuda, nvml)
-    phases = measure.PhasePeaks(cuda)
+    meter = measure.StepMeter(model_setup.flops_profile(spec, profile), shape, cuda, nvml, synchronize=not lean)
+    phases = measure.PhasePeaks(cuda, enabled=not lean)
     batches = data.batches(profile, image_token_id, spec, rank, world_size)
-    losses = result.setdefault("losses", [])
+    losses, step_losses = result.setdefault("losses", []), []
     profiler = measure.StepProfiler.from_environment(cuda, rank)
     for index in range(spec.steps):
         micro = [next(batches) for _ in range(spec.gradient_accumulation)]
@@ -136,7 +137,11 @@ def train(spec: RunSpec, cuda: bool, rank: int, world_size: int, local_rank: int
                 with phases.phase("step"):
                     engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary
                 step_loss = step_loss + loss.detach().float()
-        losses.append(mean_over_ranks(step_loss / len(micro)))
+        step_losses.append(step_loss / len(micro))
+        if not lean:
+            losses.append(mean_over_ranks(step_losses.pop()))
+    meter.finish()
+    losses.extend(mean_over_ranks(loss) for loss in step_losses)
 
     step_peaks = measure.memory_peaks(cuda)
     if phases.allocated:  # the counters were reset per phase: the steps' peak is the largest phase's
