@@ -26,6 +26,18 @@ def test_estimate_json_has_the_documented_keys(capsys):
     assert "deepspeed_estimator_bytes" in payload
 
 
+def test_estimate_json_gives_the_plan_s_step_time_and_takes_accumulation(capsys):
+    args = ("estimate", "--model", "2b", "--gpus", "2", "--stage", "1", "--gpu", "h200", "--no-grad-ckpt", "--json")
+    one = json.loads(run(capsys, *args)[1])
+    four = json.loads(run(capsys, *args, "--grad-accum", "4")[1])
+    assert one["gradient_accumulation"] == 1 and four["gradient_accumulation"] == 4
+    # ZeRO-1 holds the micro-steps' gradients to the boundary: more memory, and four micro-steps' time
+    assert four["per_gpu_bytes"]["peak"] > one["per_gpu_bytes"]["peak"]
+    assert 3 * one["predicted_step_time_s"] < four["predicted_step_time_s"] < 4 * one["predicted_step_time_s"]
+    assert four["predicted_tokens_per_s"] == pytest.approx(2 * 4 * 4096 / four["predicted_step_time_s"])
+    assert 0 < four["predicted_mfu"] < 1
+
+
 def test_estimate_table_names_the_default_profile(capsys):
     code, out, _ = run(capsys, "estimate", "--model", "8b", "--gpus", "8", "--stage", "1", "--gpu", "h100")
     assert code == 0 and "peak" in out and "H100" in out
@@ -68,6 +80,7 @@ def test_recommend_nothing_fits_exits_3(capsys, tmp_path):
     (["recommend", "--model", "8b", "--gpus", "8", "--headroom", "nan"], "headroom"),
     (["estimate", "--model", "8b", "--gpus", "abc"], "--gpus"),
     (["estimate", "--model", "8b", "--freeze", "ears"], "freeze"),
+    (["estimate", "--model", "8b", "--grad-accum", "0"], "--grad-accum"),
 ])
 def test_bad_input_is_one_line_exit_2(capsys, argv, needle):
     code, out, err = run(capsys, *argv)

@@ -180,3 +180,10 @@ def estimator_bytes(profile: ModelProfile, shape: TrainShape, plan: Plan) -> dic
                                           f"formula, which partitions the {kept_whole} that stage {plan.stage} "
                                           "keeps whole on every GPU (an under-estimate)")
     return estimates
+
+
+def estimator_quietly(profile: ModelProfile, shape: TrainShape, plan: Plan) -> dict[str, Any]:
+    """estimator_bytes with DeepSpeed's import-time logging kept off stdout (a `--json` answer
+    must be the only thing there)."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        return estimator_bytes(profile, shape, plan)

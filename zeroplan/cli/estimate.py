@@ -9,21 +9,6 @@ import typer
 from zeroplan.cli import options as o
 
 
-def estimate_payload(profile, shape, plan, chosen, memory, baseline) -> dict:
-    """The JSON object `estimate --json` prints (also used by validate)."""
-    return {
-        "model": profile.name, "gpu": chosen.profile.name, "gpu_origin": chosen.origin,
-        "world_size": plan.world_size, "gpus_per_node": plan.gpus_per_node, "nodes": plan.nodes,
-        "stage": plan.stage, "micro_batch": shape.micro_batch, "seq_len": shape.seq_len, "tiles": shape.tiles,
-        "grad_ckpt": shape.grad_ckpt, "ckpt_layers": shape.ckpt_layers,
-        "optimizer_group_elems": plan.optimizer_group_elems, "frozen": sorted(shape.frozen), "lora_rank": shape.lora_rank,
-        "offload_optimizer": plan.offload_optimizer, "offload_params": plan.offload_params,
-        "per_gpu_bytes": memory.per_gpu_bytes(), "breakdown_bytes": memory.as_dict(),
-        "capacity_bytes": memory.capacity, "headroom_bytes": memory.headroom(), "fits": memory.headroom() >= 0,
-        "cpu_bytes_per_node": memory.cpu_bytes_per_node, "deepspeed_estimator_bytes": baseline,
-    }
-
-
 def render_table(payload: dict) -> None:
     """The breakdown as a rich table, with DeepSpeed's estimator beside zeroplan's model states."""
     from rich.console import Console
@@ -49,6 +34,12 @@ def render_table(payload: dict) -> None:
     table.add_row("capacity", o.gib(payload["capacity_bytes"]))
     headroom = payload["headroom_bytes"]
     table.add_row("headroom", o.gib(headroom), style="green" if headroom >= 0 else "red")
+    table.add_section()
+    accumulation = payload["gradient_accumulation"]
+    table.add_row(f"step ({accumulation} micro-step{'s' if accumulation > 1 else ''}), seconds",
+                  f"{payload['predicted_step_time_s']:.2f}")
+    table.add_row("tokens/s, whole job", f"{payload['predicted_tokens_per_s']:,.0f}")
+    table.add_row("MFU", f"{payload['predicted_mfu']:.0%}")
     if payload["cpu_bytes_per_node"]:
         table.add_row("host RAM per node (offload)", o.gib(payload["cpu_bytes_per_node"]))
     baseline = payload["deepspeed_estimator_bytes"]
@@ -63,20 +54,6 @@ def render_table(payload: dict) -> None:
     console = Console()
     console.print(table)
     console.print(f"[dim]{payload['gpu_origin']}[/dim]")
-
-
-def deepspeed_baseline(profile, shape, plan):
-    """DeepSpeed's estimators when importable; otherwise a dict naming why not."""
-    try:
-        from zeroplan.adapters.deepspeed_adapter import estimator_bytes
-    except ImportError as error:
-        return {"reason": f"zeroplan's DeepSpeed adapter is unavailable ({error})"}
-    import contextlib
-    import io
-
-    with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed logs to stdout on import
-        result = estimator_bytes(profile, shape, plan)
-    return result if isinstance(result, dict) else {"reason": str(result)}
 
 
 def command(
@@ -100,13 +77,18 @@ def command(
     persistence: Annotated[Optional[int], typer.Option("--persistence", help="stage3_param_persistence_threshold; default: tuned.")] = None,
     ckpt_layers: Annotated[Optional[int], typer.Option("--ckpt-layers", help="With --grad-ckpt: checkpoint only the first N LLM decoder layers (default: all).")] = None,
     optimizer_groups: Annotated[int, typer.Option("--optimizer-groups", help="ZeRO-1/2: the optimizer's parameters in groups of at most N elements (0: one group).")] = 0,
+    grad_accum: Annotated[int, typer.Option("--grad-accum", help="Micro-steps per optimizer step (what DeepSpeed holds between them, and the step time).")] = 1,
     json_out: o.Json = False,
 ):
     """Per-GPU memory of one plan: breakdown, peak, capacity and DeepSpeed's own estimate beside it."""
+    from zeroplan.adapters.deepspeed_adapter import estimator_quietly
     from zeroplan.core.tuning import tuned_plan
     from zeroplan.adapters.gpus import choose_gpu
+    from zeroplan.core.errors import InvalidInput
     from zeroplan.core.memory import estimate
     from zeroplan.core.profiles import load_model
+    from zeroplan.core.steptime import step_time
+    from zeroplan.core.summary import plan_summary
 
     profile = load_model(model)
     shape = o.build_shape(micro_batch, seq_len, tiles, grad_ckpt, freeze, lora_rank, profile)
@@ -120,9 +102,13 @@ def command(
                  "prefetch_bucket_elems": prefetch_bucket, "max_live_params": max_live,
                  "param_persistence_threshold": persistence}
     plan = plan.with_(**{key: value for key, value in overrides.items() if value is not None})
+    if isinstance(grad_accum, bool) or not 1 <= grad_accum <= 65536:
+        raise InvalidInput(f"--grad-accum must be a whole number from 1 to 65536, got {grad_accum}")
     chosen = choose_gpu(gpu)
-    memory = estimate(profile, shape, plan, chosen.profile)
-    payload = estimate_payload(profile, shape, plan, chosen, memory, deepspeed_baseline(profile, shape, plan))
+    memory = estimate(profile, shape, plan, chosen.profile, gradient_accumulation=grad_accum)
+    step = step_time(profile, shape, plan, chosen.profile, grad_accum)
+    payload = plan_summary(profile, shape, plan, chosen.profile.name, chosen.origin, memory, step, grad_accum,
+                           estimator_quietly(profile, shape, plan))
     if json_out:
         o.print_json(payload)
     else:

@@ -98,7 +98,9 @@ def command(
 ):
     """Check a DeepSpeed config with DeepSpeed's own schema and predict whether it fits a model and cluster."""
     from zeroplan.adapters.deepspeed_adapter import validate_config
-    from zeroplan.cli.estimate import deepspeed_baseline, estimate_payload
+    from zeroplan.adapters.deepspeed_adapter import estimator_quietly
+    from zeroplan.core.steptime import step_time
+    from zeroplan.core.summary import plan_summary
     from zeroplan.core.config_reader import plan_from_config
     from zeroplan.adapters.gpus import choose_gpu
     from zeroplan.core.memory import estimate
@@ -115,10 +117,11 @@ def command(
                                           micro_batch=micro_batch, gradient_accumulation=grad_accum)
     shape = o.build_shape(micro, seq_len, tiles, grad_ckpt, freeze, lora_rank, profile)
     chosen = choose_gpu(gpu)
-    memory = estimate(profile, shape, plan, chosen.profile)
-    payload = estimate_payload(profile, shape, plan, chosen, memory, deepspeed_baseline(profile, shape, plan))
-    payload.update(config=str(config_path), deepspeed_valid=True, auto_fields=autos, gradient_accumulation=accum,
-                   **verdict(memory))
+    memory = estimate(profile, shape, plan, chosen.profile, gradient_accumulation=accum)
+    step = step_time(profile, shape, plan, chosen.profile, accum)
+    payload = plan_summary(profile, shape, plan, chosen.profile.name, chosen.origin, memory, step, accum,
+                           estimator_quietly(profile, shape, plan))
+    payload.update(config=str(config_path), deepspeed_valid=True, auto_fields=autos, **verdict(memory))
     if json_out:
         o.print_json(payload)
     else:
