@@ -81,6 +81,8 @@ class CachingAllocator:
     allocated: int = 0
     peak_reserved: int = 0
     peak_allocated: int = 0
+    # the peak since `track_from` (replay's): the training steps' peak without the engine's set-up
+    tracked_peak_allocated: int = 0
     _free: dict = field(default_factory=dict)
     _live: dict = field(default_factory=dict)
     _segments: dict = field(default_factory=dict)
@@ -98,6 +100,8 @@ class CachingAllocator:
         self.allocated += block.size
         if self.allocated > self.peak_allocated:
             self.peak_allocated = self.allocated
+        if self.allocated > self.tracked_peak_allocated:
+            self.tracked_peak_allocated = self.allocated
 
     def free(self, key: object) -> None:
         """Return `key`'s block to the cache, merged with free neighbours of its segment."""
@@ -208,10 +212,13 @@ class Trace:
                 self.events.append(("free", key))
 
 
-def replay(events, capacity: int = 1 << 62) -> CachingAllocator:
-    """Run ("malloc", key, bytes, stream) / ("free", key) events through a fresh allocator."""
+def replay(events, capacity: int = 1 << 62, track_from: int = 0) -> CachingAllocator:
+    """Run ("malloc", key, bytes, stream) / ("free", key) events through a fresh allocator;
+    `tracked_peak_allocated` is the peak from event `track_from` on (what is live then included)."""
     allocator = CachingAllocator(capacity=capacity)
-    for event in events:
+    for index, event in enumerate(events):
+        if index == track_from:
+            allocator.tracked_peak_allocated = allocator.allocated
         if event[0] == "malloc":
             allocator.malloc(event[1], event[2], event[3])
         else:

@@ -252,6 +252,14 @@ def _loss(trace: Trace, profile: ModelProfile, shape: TrainShape, plan: Plan, de
     return _norm_backward(trace, tokens, llm.hidden_size, final_saved, grad, "", liger_norm)
 
 
+def setup_event_count(profile: ModelProfile, shape: TrainShape, plan: Plan, states: ModelStateBytes,
+                      buffer_bytes: int) -> int:
+    """How many of training_events' events are the engine's set-up (the training steps follow)."""
+    trace = Trace()
+    ZeroEvents(trace, profile, shape, plan, states, buffer_bytes).init()
+    return len(trace.events)
+
+
 def training_events(profile: ModelProfile, shape: TrainShape, plan: Plan, states: ModelStateBytes,
                     buffer_bytes: int, steps: int = 5, step_tiles: tuple[int, ...] | None = None,
                     compiled: bool = False, accumulation: int = 1) -> list:
