@@ -24,6 +24,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from zeroplan.core.bounded import read_bounded, read_text_bounded
 from zeroplan.core.errors import InvalidInput
 
 SPEC_KEYS = {
@@ -36,11 +37,10 @@ MAX_SPEC_BYTES = 1 << 20
 
 def read_spec(path: Path) -> tuple[str | None, list[dict[str, Any]]]:
     """The spec's default flavour and its [[config]] tables; nothing in it is executed."""
+    text = read_text_bounded(path, MAX_SPEC_BYTES, "spec")
     try:
-        if path.stat().st_size > MAX_SPEC_BYTES:
-            raise InvalidInput(f"spec {path} is larger than 1 MiB")
-        data = tomllib.loads(path.read_bytes().decode("utf-8"))
-    except (OSError, ValueError, RecursionError) as error:  # TOMLDecodeError, bad UTF-8, huge ints are ValueErrors
+        data = tomllib.loads(text)
+    except (ValueError, RecursionError) as error:  # TOMLDecodeError, bad UTF-8, huge ints are ValueErrors
         raise InvalidInput(f"cannot read spec {path}: {str(error).splitlines()[0] if str(error) else error}") from None
     entries = data.get("config")
     if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) for e in entries):
@@ -142,7 +142,7 @@ def diff_folder(out: Path, texts: dict[str, str]) -> list[str]:
     diffs: list[str] = []
     for name in sorted(existing | set(texts)):
         path = out / name
-        old = path.read_text(encoding="utf-8", errors="replace") if name in existing else ""
+        old = read_bounded(path, MAX_SPEC_BYTES, "config").decode("utf-8", errors="replace") if name in existing else ""
         new = texts.get(name, "")
         if old != new:
             diffs.append("".join(difflib.unified_diff(

@@ -17,6 +17,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from zeroplan.core.bounded import read_text_bounded
 from zeroplan.core.errors import InvalidProfile, UnknownGPU, UnknownModel
 
 PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
@@ -113,17 +114,13 @@ class GPUProfile:
 
 def _read_data_file(path: Path) -> dict[str, Any]:
     """Parse a TOML or JSON profile; nothing in it is ever executed."""
+    raw = read_text_bounded(path, MAX_PROFILE_BYTES, "profile", InvalidProfile)
     try:
-        if path.stat().st_size > MAX_PROFILE_BYTES:
-            raise InvalidProfile(f"profile {path} is larger than 1 MiB; a profile is a small TOML or JSON file")
-        raw = path.read_bytes().decode("utf-8")
         if path.suffix == ".json":
             data = json.loads(raw)
         else:
             data = tomllib.loads(raw)
-    except InvalidProfile:
-        raise
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as error:
+    except (ValueError, RecursionError) as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise InvalidProfile(f"cannot read profile {path}: {reason}") from None
     if not isinstance(data, dict):

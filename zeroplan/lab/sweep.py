@@ -12,6 +12,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Mapping
 
+from zeroplan.core.bounded import read_text_bounded
 from zeroplan.core.errors import InvalidInput
 from zeroplan.core.profiles import load_model
 from zeroplan.core.run import RunSpec
@@ -140,10 +141,9 @@ def load_sweep(path: str | Path) -> Sweep:
     path = Path(path)
     if not path.is_file():
         raise InvalidInput(f"sweep file {path} does not exist")
-    if path.stat().st_size > MAX_SWEEP_BYTES:
-        raise InvalidInput(f"sweep file {path} is larger than {MAX_SWEEP_BYTES} bytes")
+    text = read_text_bounded(path, MAX_SWEEP_BYTES, "sweep file")
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        data = tomllib.loads(text)
     except (ValueError, RecursionError) as error:  # TOMLDecodeError, bad UTF-8, huge ints, deep nesting
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise InvalidInput(f"sweep file {path} is not valid TOML: {reason}") from None
