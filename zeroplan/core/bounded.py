@@ -67,3 +67,16 @@ def read_text_bounded(path: str | os.PathLike, limit: int = MAX_INPUT_BYTES, wha
         return data.decode("utf-8")
     except UnicodeDecodeError as problem:
         raise error(f"{what} {path} is not UTF-8 text (byte {problem.start})") from None
+
+
+def require_file(path: str | os.PathLike, what: str = "input file", error: type[ZeroplanError] = InvalidInput) -> None:
+    """Raise `error` unless `path` is a regular file (saying whether it is missing or something
+    else: a folder, a device, a FIFO)."""
+    path = Path(path)
+    try:
+        if path.is_file():
+            return
+        exists = path.exists()
+    except (OSError, ValueError):
+        exists = False
+    raise error(f"{what} {path} {'is not a regular file' if exists else 'does not exist'}")

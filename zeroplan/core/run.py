@@ -14,6 +14,7 @@ from zeroplan.core.errors import InvalidInput
 from zeroplan.core.plan import KERNELS, OFFLOAD_DEVICES, Plan, TrainShape
 
 TOWERS = ("vision", "projector", "llm")
+MAX_STEPS = 1_000_000  # a measured run is minutes; the replays of a run's draws loop over its steps
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "varlen")
 NOT_IN_POINT_ID = frozenset({"steps", "warmup_steps"})
 # Fields added after points were measured: left out of the point id at their default, so the
@@ -92,6 +93,8 @@ class RunSpec:
             raise InvalidInput(f"kernels must be one of {', '.join(KERNELS)}, got {self.kernels!r}")
         if self.attn_implementation == "varlen" and not self.packed:
             raise InvalidInput("varlen attention needs packed rows (packed = true)")
+        if self.steps > MAX_STEPS:
+            raise InvalidInput(f"steps must be at most {MAX_STEPS}, got {self.steps}")
         if self.warmup_steps >= self.steps:
             raise InvalidInput(f"warmup_steps ({self.warmup_steps}) must be fewer than steps ({self.steps})")
         self.shape(), self.plan()
