@@ -321,6 +321,8 @@ def check_results_path(results_path: Path) -> None:
     if results_path.is_dir():
         raise InvalidInput(f"results path {results_path} is a directory")
     if results_path.exists():
+        if not results_path.is_file():  # a FIFO would block the lock's open; /dev/null would swallow results
+            raise InvalidInput(f"results path {results_path} is not a regular file")
         if not os.access(results_path, os.W_OK):
             raise InvalidInput(f"results file {results_path} is not writable")
         return

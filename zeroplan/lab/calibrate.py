@@ -95,8 +95,9 @@ def check_record(record: dict) -> None:
         raise InvalidInput(f"{where}: 'model' must be a profile name, got {record.get('model')!r:.60}")
     for key, (what, test) in RECORD_FIELDS.items():
         value = record.get(key)
-        optional = key in ("nvml_peak_used_bytes", "tiles_per_sample", "step_time_s") or (
-            key == "measured_peak_reserved_bytes" and not record.get("measured_peak_allocated_bytes"))
+        measured = record.get("measured_peak_allocated_bytes") is not None  # a GPU run: it has all three
+        optional = key in ("nvml_peak_used_bytes", "tiles_per_sample") or (
+            key in ("measured_peak_reserved_bytes", "step_time_s") and not measured)
         if value is None and (optional or key == "measured_peak_allocated_bytes"):
             continue
         if not test(value):
