@@ -325,6 +325,7 @@ def check_results_path(results_path: Path) -> None:
             raise InvalidInput(f"results path {results_path} is not a regular file")
         if not os.access(results_path, os.W_OK):
             raise InvalidInput(f"results file {results_path} is not writable")
+        jsonl.check_results_file(results_path)
         return
     ancestor = results_path.parent
     while not ancestor.exists():
