@@ -434,6 +434,8 @@ def test_calibrate_out_outside_the_project_writes_a_loadable_profile(in_tmp, cap
     assert profile.calibrated["source"] == printed["source"] and str(results) in profile.calibrated["source"]
     assert {k: v for k, v in profile.calibrated.items() if k != "source"} == printed["calibrated"]
     assert main(["estimate", "--model", "tiny", "--gpus", "1", "--gpu", "cal.toml"]) == 0
+    written = (in_tmp / "cal.toml").read_text()
+    assert "# " in written and written.count("[calibrated]") == 1  # the bundled file's comments (sources) kept
 
 
 def test_calibrate_out_from_a_json_profile_writes_toml_that_loads(in_tmp, capsys):

@@ -235,11 +235,11 @@ GPU_FIELDS = ("name", "aliases", "memory_bytes", "bf16_dense_tflops", "hbm_bandw
 def _base_text(gpu: GPUProfile) -> str | None:
     """The TOML file the profile was loaded from (its comments cite sources), without its
     [calibrated] table; None when it cannot be found or is JSON. A bundled profile's path is
-    relative to the package, not to the folder calibrate runs in."""
+    relative to the package's parent, not to the folder calibrate runs in."""
     path = Path(gpu.path) if gpu.path else None
     if path is None or path.suffix != ".toml":
         return None
-    for candidate in (path, PROFILES_DIR.parent / path):
+    for candidate in (path, PROFILES_DIR.parent.parent / path):
         try:
             if candidate.is_file():
                 text = read_text_bounded(candidate, MAX_PROFILE_BYTES, "GPU profile")
