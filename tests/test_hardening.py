@@ -491,3 +491,18 @@ def test_dataset_images_outside_the_dataset_folder_are_refused(tmp_path):
                        + json.dumps({"image": "../../x.png", "conversations": []}) + "\n")
     with pytest.raises(InvalidInput, match="outside the dataset's folder"):
         JsonlData(str(dataset), None, 0, None, rank=0, world_size=1)
+
+
+def test_long_runs_are_replayed_over_a_bounded_number_of_steps():
+    from zeroplan.core.run import MAX_STEPS, RunSpec
+    from zeroplan.lab.calibrate import MAX_REPLAYED_STEPS, replayed_steps
+    from zeroplan.lab.records import drawn_tiles
+
+    tiles = tuple(range(100_000, 0, -1))
+    bounded = replayed_steps(tiles)
+    assert len(bounded) == MAX_REPLAYED_STEPS and bounded[-1] == max(tiles) and bounded[:3] == tiles[:3]
+    assert replayed_steps((3, 1, 2)) == (3, 1, 2)
+    with pytest.raises(InvalidInput, match="steps must be at most"):
+        RunSpec(steps=MAX_STEPS + 1)
+    spec = RunSpec(steps=MAX_STEPS, warmup_steps=1, world_size=8, micro_batch=4).to_dict()
+    assert drawn_tiles({"spec": spec, "model": "tiny"}) == (spec["tiles"], "spec (too many draws to replay)")

@@ -14,7 +14,7 @@ from zeroplan.core.errors import InvalidInput
 from zeroplan.core.plan import KERNELS, OFFLOAD_DEVICES, Plan, TrainShape
 
 TOWERS = ("vision", "projector", "llm")
-MAX_STEPS = 1_000_000  # a measured run is minutes; the replays of a run's draws loop over its steps
+MAX_STEPS = 100_000  # a measured run is minutes; the replays of a run's draws loop over its steps
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "varlen")
 NOT_IN_POINT_ID = frozenset({"steps", "warmup_steps"})
 # Fields added after points were measured: left out of the point id at their default, so the

@@ -143,7 +143,20 @@ class ProcessTree:
 def stop_tree(process: subprocess.Popen, tree: ProcessTree, grace_s: float) -> None:
     """SIGTERM the point's processes (torchrun passes it on to its ranks), SIGKILL what is left
     after `grace_s`, and wait until every one of them is gone, so no rank outlives the point and
-    keeps holding GPU memory."""
+    keeps holding GPU memory. A second Ctrl-C meanwhile skips the grace period but not the
+    killing; it is raised once every process is gone."""
+    interrupted = False
+    while True:
+        try:
+            _stop(process, tree, 0.0 if interrupted else grace_s)
+            break
+        except KeyboardInterrupt:
+            interrupted = True
+    if interrupted:
+        raise KeyboardInterrupt
+
+
+def _stop(process: subprocess.Popen, tree: ProcessTree, grace_s: float) -> None:
     tree.refresh()
     tree.signal(signal.SIGTERM)
     deadline = time.monotonic() + grace_s

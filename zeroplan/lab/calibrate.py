@@ -108,6 +108,21 @@ def check_record(record: dict) -> None:
         raise InvalidInput(f"{where}: 'step_tiles' must be a list of whole numbers >= 0")
 
 
+# The allocator replay walks every step it is given; zeroplan's runs measure 10 steps or fewer.
+# A longer run is replayed over its first steps and its largest one (where the peak follows),
+# so a run of 10^5 steps costs what one of 16 does.
+MAX_REPLAYED_STEPS = 16
+
+
+def replayed_steps(tiles: tuple[int, ...] | None) -> tuple[int, ...] | None:
+    """A run's step tiles bounded for the replay: all of them up to MAX_REPLAYED_STEPS, else the
+    first ones with the largest step last."""
+    if tiles is None or len(tiles) <= MAX_REPLAYED_STEPS:
+        return tiles
+    head = tiles[:MAX_REPLAYED_STEPS - 1]
+    return head + (max(tiles),)
+
+
 def points_from_records(records: list[dict]) -> list[RunPoint]:
     """The usable lines of a results file (status ok, measured on a GPU)."""
     from zeroplan.core.tuning import tuned_plan
@@ -127,7 +142,7 @@ def points_from_records(records: list[dict]) -> list[RunPoint]:
         points.append(RunPoint(shape, plan, record["model"], float(record["step_time_s"]),
                                int(record["measured_peak_allocated_bytes"]),
                                int(record["measured_peak_reserved_bytes"]), record.get("nvml_peak_used_bytes"),
-                               spec_shape(record), step_tiles(record), gradient_accumulation(record),
+                               spec_shape(record), replayed_steps(step_tiles(record)), gradient_accumulation(record),
                                int(spec.get("vocab_multiple", 1)), bool(spec.get("compile", False))))
     return points
 
