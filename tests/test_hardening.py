@@ -506,3 +506,14 @@ def test_long_runs_are_replayed_over_a_bounded_number_of_steps():
         RunSpec(steps=MAX_STEPS + 1)
     spec = RunSpec(steps=MAX_STEPS, warmup_steps=1, world_size=8, micro_batch=4).to_dict()
     assert drawn_tiles({"spec": spec, "model": "tiny"}) == (spec["tiles"], "spec (too many draws to replay)")
+
+
+@pytest.mark.parametrize("key, value", [("grad_ckpt", []), ("packed", {"x": 1}), ("compile", [1]),
+                                        ("fixed_tiles", "yes"), ("model", None), ("gpu", 3), ("frozen", 5),
+                                        ("frozen", [1])])
+def test_a_run_spec_of_the_wrong_kinds_is_one_error(key, value):
+    """Found by the calibrate fuzzing: a list for grad_ckpt made an unhashable TrainShape."""
+    from zeroplan.core.run import RunSpec
+
+    with pytest.raises(InvalidInput, match=key):
+        RunSpec.from_dict({**RunSpec().to_dict(), key: value})

@@ -73,6 +73,15 @@ class RunSpec:
     optimizer_group_elems: int = 0
 
     def __post_init__(self):
+        for name in ("grad_ckpt", "packed", "fixed_tiles", "compile"):
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidInput(f"{name} must be true or false, got {getattr(self, name)!r:.60}")
+        for name in ("model", "gpu", "dataset"):
+            value = getattr(self, name)
+            if not (isinstance(value, str) or (value is None and name != "model")):
+                raise InvalidInput(f"{name} must be a string, got {value!r:.60}")
+        if not isinstance(self.frozen, (list, tuple)) or not all(isinstance(t, str) for t in self.frozen):
+            raise InvalidInput(f"frozen must be a list of tower names, got {self.frozen!r:.60}")
         object.__setattr__(self, "frozen", tuple(sorted(set(self.frozen))))
         unknown = set(self.frozen) - set(TOWERS)
         if unknown:
@@ -130,7 +139,7 @@ class RunSpec:
         if unknown:
             raise InvalidInput(f"unknown RunSpec fields: {', '.join(sorted(unknown))}")
         data = dict(data)
-        if "frozen" in data:
+        if isinstance(data.get("frozen"), list):
             data["frozen"] = tuple(data["frozen"])
         return cls(**data)
 
