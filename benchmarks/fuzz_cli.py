@@ -36,7 +36,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 ROOT = Path(__file__).resolve().parents[1]
-VERBS = ("estimate", "recommend", "generate", "validate", "probe", "bench", "report")
+VERBS = ("estimate", "recommend", "generate", "validate", "probe", "bench", "report", "calibrate")
 EXIT_CODES = {verb: {0, 2} for verb in VERBS}
 EXIT_CODES["recommend"] |= {3}
 EXIT_CODES["validate"] |= {3}
@@ -79,6 +79,8 @@ VALID_RECORD = {"point_id": "p0", "model": "tiny", "stage": 2, "status": "ok", "
                 "predicted_peak_bytes": 1 << 30, "tokens_per_s": 100.0}
 VALID_SWEEP = ('name = "fz"\nlauncher = "torchrun"\ntimeout_s = 30\n[grid]\nmodels = ["tiny"]\nstages = [0, 3]\n'
                'seq_len = [64]\ntiles = [2]\n[run]\nsteps = 2\nwarmup_steps = 1\nworld_size = 1\n')
+# Four finished H100 runs (reports/h100_microbatch): enough for calibrate's fits to run.
+CALIBRATION_RESULTS = ROOT / "reports/h100_microbatch/results.jsonl"
 VALID_SPEC = '[[config]]\nmodel = "tiny"\ngpus = 2\nstage = 2\nmicro_batch = 1\ngradient_accumulation = 2\nseq_len = 512\n'
 
 
@@ -114,6 +116,8 @@ def make_fixtures(folder: Path) -> dict[str, Path]:
         "binary.jsonl": bytes(range(256)) * 64,
         "torn.jsonl": json.dumps(VALID_RECORD) + '\n{"point_id": "torn',
         "plain.txt": "a regular file: paths under it cannot be created\n",
+        "calib.jsonl": CALIBRATION_RESULTS.read_bytes(),
+        "config_no_newline.json": json.dumps(VALID_DS_CONFIG),
     }
     for name, content in files.items():
         path = folder / name
@@ -124,12 +128,15 @@ def make_fixtures(folder: Path) -> dict[str, Path]:
     with open(folder / "ten_mb.json", "wb") as handle:
         handle.write(b'{"a": "' + b"x" * (10 * 1024 * 1024) + b'"}')
     (folder / "a_folder").mkdir(exist_ok=True)
+    if not (folder / "fifo.jsonl").exists():
+        os.mkfifo(folder / "fifo.jsonl")  # a reader that opens it blocking hangs: none may
     for first, second in (("loop_a.json", "loop_b.json"), ("loop_a.toml", "loop_b.toml")):
         for link, target in ((first, second), (second, first)):
             if not (folder / link).is_symlink():
                 os.symlink(folder / target, folder / link)
     paths = {name: folder / name for name in files}
-    paths.update({name: folder / name for name in ("ten_mb.json", "a_folder", "loop_a.json", "loop_a.toml")})
+    paths.update({name: folder / name for name in ("ten_mb.json", "a_folder", "loop_a.json", "loop_a.toml",
+                                                    "fifo.jsonl")})
     return paths
 
 
@@ -170,10 +177,12 @@ def _hostile_paths(fixtures: dict[str, Path]):
     names = ("empty.json", "empty.toml", "deep.json", "deep_object.json", "deep.toml", "deep_table.toml",
              "huge_int.json", "huge_int.toml", "huge_int.jsonl", "huge_float.json", "nan.json", "wrong_types.json",
              "wrong_types.toml", "array.json", "duplicate.json", "not_utf8.json", "binary.toml", "binary.jsonl",
-             "torn.jsonl", "plain.txt", "ten_mb.json", "a_folder", "loop_a.json", "loop_a.toml")
+             "torn.jsonl", "plain.txt", "ten_mb.json", "a_folder", "loop_a.json", "loop_a.toml", "fifo.jsonl",
+             "config_no_newline.json")
     return st.one_of(
         _paths(fixtures, *names),
-        st.sampled_from(["missing.json", "missing.toml", "no/such/dir/x.jsonl", str(fixtures["plain.txt"]) + "/x.json"]),
+        st.sampled_from(["missing.json", "missing.toml", "no/such/dir/x.jsonl", str(fixtures["plain.txt"]) + "/x.json",
+                         "/dev/zero", "/dev/null"]),
         _text(),
     )
 
@@ -230,6 +239,43 @@ def _mutated_toml(base: str):
             lines.append(draw(st.sampled_from(["[grid]", "[[config]]", "junk", "x = ", "models = [\"1b\"]",
                                                 "launcher = \"$(id)\"", "name = \"../../x.json\""])))
         return ("\n".join(lines) + "\n").encode()
+
+    return build()
+
+
+def _hostile_leaf():
+    return st.one_of(st.none(), st.booleans(), st.integers(-2**80, 2**80), st.floats(allow_nan=True),
+                     st.sampled_from([0, -1, 10**9, 10**12, 1e12, 1e9, 1e300, "x", "", "1", [], {}, [1, "a"]]),
+                     st.text(max_size=20))
+
+
+def _mutated_results():
+    """The four calibration runs with one of them damaged: a top-level field or a spec field
+    replaced (null, a string, zero, 1e12 steps, a world of 1e9...) or dropped, the spec replaced
+    by a string, or the line cut."""
+    base = [json.loads(line) for line in CALIBRATION_RESULTS.read_text().splitlines() if line.strip()]
+
+    @st.composite
+    def build(draw):
+        records = [dict(record, spec=dict(record["spec"])) for record in base]
+        target = records[draw(st.integers(0, len(records) - 1))]
+        where = draw(st.sampled_from(["top", "spec", "spec", "whole_spec", "drop"]))
+        if where == "top":
+            key = draw(st.sampled_from(["measured_peak_allocated_bytes", "measured_peak_reserved_bytes",
+                                        "nvml_peak_used_bytes", "step_time_s", "tiles_per_sample", "step_tiles",
+                                        "model", "status", "point_id", "gpu_profile", "device"]))
+            target[key] = draw(_hostile_leaf())
+        elif where == "spec":
+            key = draw(st.sampled_from(sorted(target["spec"]) + ["unknown"]))
+            target["spec"][key] = draw(_hostile_leaf())
+        elif where == "whole_spec":
+            target["spec"] = draw(st.one_of(st.text(max_size=10), st.none(), st.integers(), st.just([])))
+        else:
+            target.pop(draw(st.sampled_from(sorted(target))), None)
+        text = "\n".join(json.dumps(record, allow_nan=True) for record in records) + "\n"
+        if draw(st.integers(0, 9)) == 0:
+            text = text[:draw(st.integers(0, len(text)))]
+        return text.encode()
 
     return build()
 
@@ -326,6 +372,13 @@ def _options(fixtures: dict[str, Path]) -> dict[str, tuple[list, list[Option]]]:
                        Option("--attn", st.sampled_from(["sdpa", "eager"]), text)]),
         "report": ([(_paths(fixtures, "results.jsonl", "torn.jsonl"), st.one_of(_hostile_paths(fixtures), jsonl_gen))],
                    [Option("--out", st.sampled_from(["rep", "a/b/rep"]), _out_paths(fixtures))]),
+        "calibrate": ([(st.one_of(_paths(fixtures, "calib.jsonl"), _gen(".jsonl", _mutated_results())), st.one_of(_hostile_paths(fixtures), jsonl_gen,
+                                                                    _gen(".jsonl", _mutated_results())))],
+                      [Option("--gpu", st.one_of(st.sampled_from(["h100", "h100-80gb"]), _paths(fixtures, "gpu.toml")),
+                              gpu_bad, required=True),
+                       Option("--out", st.sampled_from(["cal.toml", "p/cal.toml"]),
+                              st.one_of(_out_paths(fixtures), st.sampled_from(["x.toml/y.toml", "'q\"u.toml"]))),
+                       json_flag]),
     }
 
 

@@ -120,7 +120,7 @@ def test_recommend_failing_to_serialize_leaves_the_old_config(tmp_path, monkeypa
 
     monkeypatch.setattr("zeroplan.core.dsconfig.to_json", broken)
     with pytest.raises(TypeError):
-        main(["recommend", "--model", "tiny", "--gpus", "1", "--out", str(target)])
+        main(["recommend", "--model", "tiny", "--gpus", "1", "--out", str(target), "--force"])
     assert target.read_text() == '{"old": true}' and _entries(tmp_path) == {"ds.json"}
 
 
@@ -128,7 +128,7 @@ def test_recommend_failing_to_rename_leaves_the_old_config(tmp_path, monkeypatch
     target = tmp_path / "ds.json"
     target.write_text('{"old": true}')
     monkeypatch.setattr(atomic.os, "replace", lambda src, dst: (_ for _ in ()).throw(OSError(28, "No space", dst)))
-    assert main(["recommend", "--model", "tiny", "--gpus", "1", "--out", str(target)]) == 2
+    assert main(["recommend", "--model", "tiny", "--gpus", "1", "--out", str(target), "--force"]) == 2
     assert "No space" in capsys.readouterr().err
     assert target.read_text() == '{"old": true}' and _entries(tmp_path) == {"ds.json"}
 

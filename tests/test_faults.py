@@ -163,7 +163,7 @@ def test_recommend_answers_without_deepspeed_and_says_the_config_was_not_validat
     assert "not validated" in payload["validation"] and "deepspeed" in payload["validation"].lower()
     assert json.loads((tmp_path / "ds.json").read_text())["train_micro_batch_size_per_gpu"] >= 1
     table = _zeroplan(without_deepspeed, "recommend", "--model", "tiny", "--gpus", "2", "--out", "ds.json",
-                      cwd=tmp_path)
+                      "--force", cwd=tmp_path)
     assert table.returncode == 0 and "not validated" in table.stdout
 
 

@@ -54,7 +54,8 @@ def test_generated_invocations_keep_the_cli_contract(verb, arena):
 HOSTILE_FILES = ("empty.json", "deep.json", "deep_object.json", "deep.toml", "deep_table.toml", "huge_int.json",
                  "huge_int.toml", "huge_int.jsonl", "huge_float.json", "nan.json", "wrong_types.json",
                  "wrong_types.toml", "array.json", "duplicate.json", "not_utf8.json", "binary.toml", "binary.jsonl",
-                 "plain.txt", "ten_mb.json", "a_folder", "loop_a.json", "loop_a.toml")
+                 "plain.txt", "ten_mb.json", "a_folder", "loop_a.json", "loop_a.toml", "fifo.jsonl",
+                 "config_no_newline.json")
 FILE_TAKERS = {
     "validate": lambda p: ["validate", p, "--model", "tiny", "--gpus", "1"],
     "report": lambda p: ["report", p, "--out", "rep"],
@@ -63,6 +64,8 @@ FILE_TAKERS = {
     "generate --spec": lambda p: ["generate", "--spec", p, "--out", "configs"],
     "estimate --model": lambda p: ["estimate", "--model", p, "--gpus", "1"],
     "estimate --gpu": lambda p: ["estimate", "--model", "tiny", "--gpus", "1", "--gpu", p],
+    "calibrate": lambda p: ["calibrate", p, "--gpu", "h100"],
+    "calibrate --gpu": lambda p: ["calibrate", "{calib}", "--gpu", p],
 }
 
 
@@ -71,7 +74,8 @@ def test_every_hostile_file_is_one_line_and_writes_nothing(taker, arena):
     fixtures, fixtures_dir, scratch = arena
     bad = []
     for name in HOSTILE_FILES:
-        outcome = fuzz_cli.invoke(FILE_TAKERS[taker](str(fixtures[name])), scratch, fixtures_dir)
+        argv = [word.format(calib=fixtures["calib.jsonl"]) for word in FILE_TAKERS[taker](str(fixtures[name]))]
+        outcome = fuzz_cli.invoke(argv, scratch, fixtures_dir)
         if outcome.problems or (outcome.exit_code != 2 and taker != "bench --results"):
             bad.append(outcome)
     assert not bad, _explain(bad) + "\n" + "\n".join(f"{o.argv[1:3]} -> {o.exit_code} {o.stderr!r}" for o in bad)
@@ -83,6 +87,7 @@ WRITERS = {
     "generate": lambda p: ["generate", "--spec", "{spec}", "--out", p],
     "report": lambda p: ["report", "{results}", "--out", p],
     "bench": lambda p: ["bench", "--model", "tiny", "--stages", "2", "--results", p],
+    "calibrate": lambda p: ["calibrate", "{results}", "--gpu", "h100", "--out", p],
 }
 
 
@@ -91,7 +96,7 @@ WRITERS = {
 def test_an_unwritable_output_is_one_line_and_leaves_nothing(writer, target, arena):
     fixtures, fixtures_dir, scratch = arena
     names = {"plain": fixtures["plain.txt"], "folder": fixtures["a_folder"], "spec": fixtures["spec.toml"],
-             "results": fixtures["results.jsonl"]}
+             "results": fixtures["calib.jsonl"] if writer == "calibrate" else fixtures["results.jsonl"]}
     argv = [word.format(**names) for word in WRITERS[writer](target.format(**names))]
     if writer in ("generate", "report") and target == "{folder}":
         pytest.skip("a folder is a valid output folder for generate and report")
@@ -107,6 +112,13 @@ def test_an_exception_escaping_main_is_caught_by_the_checker(arena, monkeypatch)
     monkeypatch.setattr(probe_cli, "probe_payload", lambda result: 1 / 0)
     outcome = fuzz_cli.invoke(["probe"], scratch, fixtures_dir)
     assert outcome.exit_code is None and any("ZeroDivisionError" in p for p in outcome.problems)
+
+
+def test_the_harness_drives_every_verb(arena):
+    from zeroplan.cli.main import VERBS
+
+    fixtures, _, _ = arena
+    assert set(fuzz_cli.VERBS) == set(VERBS) == set(fuzz_cli._options(fixtures))
 
 
 def test_help_and_no_arguments_exit_0():

@@ -48,6 +48,11 @@ def _deepspeed_config_class():
         raise MissingDependency(f"deepspeed is not importable ({error}); install zeroplan[train]") from None
 
 
+def _deepspeed_config_error() -> type[Exception]:
+    """DeepSpeed's own config error class (ValueError where this DeepSpeed has none)."""
+    return getattr(_import_deepspeed("deepspeed.runtime.config"), "DeepSpeedConfigError", ValueError)
+
+
 def _run_quietly(function, *args):
     """Call DeepSpeed with its logger raised to ERROR (it logs every config it parses at INFO),
     restoring the level afterwards so a training run's logging is untouched."""
@@ -126,9 +131,12 @@ def validate_config(config: dict, world_size: int | None = None) -> list[str]:
                                   world_size=world_size or 1, hidden_size=_PLACEHOLDER_HIDDEN_SIZE)
     filled = _per_rank_batch(fill_auto(config, placeholders), world_size)
     deepspeed_config = _deepspeed_config_class()
+    # DeepSpeedConfigError derives from Exception, not ValueError: sections DeepSpeed removed
+    # (elasticity, sparse_attention, ...) and some field checks raise it.
+    rejections = (ValueError, TypeError, KeyError, AssertionError, AttributeError, _deepspeed_config_error())
     try:
         _run_quietly(deepspeed_config, json.loads(json.dumps(filled)))
-    except (ValueError, TypeError, KeyError, AssertionError, AttributeError) as error:
+    except rejections as error:
         raise InvalidConfig(f"DeepSpeed rejects the config: {_one_line_reason(error)}") from None
     return autos
 

@@ -21,7 +21,7 @@ from rich.table import Table
 
 from zeroplan.lab import bench
 from zeroplan.lab import sweep as sweeps
-from zeroplan.core.errors import InvalidInput
+from zeroplan.core.errors import InvalidInput, Interrupted
 
 GRID_FLAGS = ("model", "stages", "micro_batch", "grad_ckpt", "offload", "seq_len", "tiles", "frozen", "lora_rank",
               "gpus", "steps", "warmup_steps", "gpu", "attn_implementation", "packed", "kernels", "compile",
@@ -160,6 +160,7 @@ def _run_with_progress(specs, results: Path, the_sweep: sweeps.Sweep, extra: dic
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("last: {task.fields[last]}"), TimeElapsedColumn())
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    finished: list[str] = []
     try:
         with Progress(*columns, console=console, transient=False) as progress:
             task = progress.add_task("starting", total=None, last="-")
@@ -168,6 +169,7 @@ def _run_with_progress(specs, results: Path, the_sweep: sweeps.Sweep, extra: dic
                 progress.update(task, total=total, description=bench.describe(spec))
 
             def on_end(record, index, total):
+                finished.append(record["point_id"])
                 status = record["status"]
                 style = STATUS_STYLES.get(status, "white")
                 progress.update(task, advance=1, last=f"[{style}]{status}[/]")
@@ -178,5 +180,9 @@ def _run_with_progress(specs, results: Path, the_sweep: sweeps.Sweep, extra: dic
 
             return bench.run_sweep(specs, results, bench.default_command_for(the_sweep.launcher), the_sweep.timeout_s,
                                    extra=extra, on_start=on_start, on_end=on_end)
+    except KeyboardInterrupt:  # typer would turn it into a silent exit 130
+        raise Interrupted(f"the running point was stopped (all its processes killed) and not recorded; "
+                          f"{len(finished)} point(s) of this run are in {results}; to resume, run the same "
+                          f"command again: {extra['bench_command']}") from None
     finally:
         signal.signal(signal.SIGTERM, previous)

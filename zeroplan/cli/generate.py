@@ -18,12 +18,14 @@ diff per file that differs, is missing or is extra (0 when the folder is up to d
 from __future__ import annotations
 
 import difflib
+import math
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 
+from zeroplan.core.bounded import read_bounded, read_text_bounded
 from zeroplan.core.errors import InvalidInput
 
 SPEC_KEYS = {
@@ -36,11 +38,10 @@ MAX_SPEC_BYTES = 1 << 20
 
 def read_spec(path: Path) -> tuple[str | None, list[dict[str, Any]]]:
     """The spec's default flavour and its [[config]] tables; nothing in it is executed."""
+    text = read_text_bounded(path, MAX_SPEC_BYTES, "spec")
     try:
-        if path.stat().st_size > MAX_SPEC_BYTES:
-            raise InvalidInput(f"spec {path} is larger than 1 MiB")
-        data = tomllib.loads(path.read_bytes().decode("utf-8"))
-    except (OSError, ValueError, RecursionError) as error:  # TOMLDecodeError, bad UTF-8, huge ints are ValueErrors
+        data = tomllib.loads(text)
+    except (ValueError, RecursionError) as error:  # TOMLDecodeError, bad UTF-8, huge ints are ValueErrors
         raise InvalidInput(f"cannot read spec {path}: {str(error).splitlines()[0] if str(error) else error}") from None
     entries = data.get("config")
     if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) for e in entries):
@@ -75,11 +76,26 @@ def _planned(profile, shape, base, entry: dict[str, Any]):
     return best.plan, best.shape.micro_batch, best.gradient_accumulation
 
 
+# The optimizer numbers a spec may set: the least and most each may be (lr > 0; a clipping of 0
+# turns clipping off in DeepSpeed). NaN and infinities are refused: JSON has no such numbers.
+NUMBER_RANGES = {"lr": (0.0, 1.0, False), "gradient_clipping": (0.0, 1e6, True), "weight_decay": (0.0, 1e6, True)}
+
+
 def _check_entry_types(entry: dict[str, Any]) -> None:
-    """Numbers must be numbers and freeze a list of names; the library checks ranges."""
-    for key in ("gradient_clipping", "lr", "weight_decay"):
-        if key in entry and (isinstance(entry[key], bool) or not isinstance(entry[key], (int, float))):
-            raise InvalidInput(f"{entry['model']}: '{key}' must be a number, got {entry[key]!r}")
+    """Numbers must be finite numbers in range, freeze a list of names and a name plain text;
+    the library checks the rest."""
+    for key, (low, high, low_included) in NUMBER_RANGES.items():
+        if key not in entry:
+            continue
+        value = entry[key]
+        if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+                or not (low <= value if low_included else low < value) or value > high):
+            bound = f"{'from' if low_included else 'above'} {low:g} to {high:g}"
+            raise InvalidInput(f"{entry['model']}: '{key}' must be a finite number {bound}, got {value!r}")
+    name = entry.get("name")
+    if name is not None and (not isinstance(name, str) or any(ord(c) < 0x20 or ord(c) == 0x7F for c in name)):
+        raise InvalidInput(f"{entry['model']}: 'name' must be a file name without control characters, "
+                           f"got {str(name)[:80]!r}")
     freeze = entry.get("freeze", [])
     if not isinstance(freeze, list) or not all(isinstance(t, str) for t in freeze):
         raise InvalidInput(f"{entry['model']}: 'freeze' must be a list of tower names, got {freeze!r}")
@@ -142,7 +158,7 @@ def diff_folder(out: Path, texts: dict[str, str]) -> list[str]:
     diffs: list[str] = []
     for name in sorted(existing | set(texts)):
         path = out / name
-        old = path.read_text(encoding="utf-8", errors="replace") if name in existing else ""
+        old = read_bounded(path, MAX_SPEC_BYTES, "config").decode("utf-8", errors="replace") if name in existing else ""
         new = texts.get(name, "")
         if old != new:
             diffs.append("".join(difflib.unified_diff(

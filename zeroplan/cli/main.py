@@ -74,7 +74,7 @@ def _run(args: list[str], verb: str | None) -> int:
                               standalone_mode=False)
         return result if isinstance(result, int) else 0
     except ZeroplanError as error:
-        print(f"zeroplan: error: {_one_line(error)}", file=sys.stderr)
+        print(f"zeroplan: {error.label}: {_one_line(error)}", file=sys.stderr)
         return error.exit_code
     except click_exceptions.NoArgsIsHelpError:
         return 0  # typer has printed the help already

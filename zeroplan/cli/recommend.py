@@ -155,10 +155,11 @@ def command(
     packed: Annotated[bool, typer.Option("--packed", help="Rows pack several samples (varlen attention, no attention across them).")] = False,
     pad_vocab: Annotated[int, typer.Option("--pad-vocab", help="Pad the vocabulary to a multiple of this (1: as is; 128 aligns the LM head).")] = 1,
     json_out: o.Json = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace --out if it already exists.")] = False,
 ):
     """Recommend the fastest ZeRO plan that fits, explain the runners-up, write its DeepSpeed config."""
     from zeroplan.adapters.validator_process import take
-    from zeroplan.core.atomic import write_atomic
+    from zeroplan.core.atomic import check_replaceable, write_atomic
     from zeroplan.core.dsconfig import to_json
     from zeroplan.core.errors import DoesNotFit, InvalidInput
     from zeroplan.adapters.gpus import choose_gpu
@@ -169,6 +170,7 @@ def command(
 
     from zeroplan.core.profiles import pad_vocab as padded
 
+    check_replaceable(out, force)
     if isinstance(pad_vocab, bool) or not 1 <= pad_vocab <= 4096:
         raise InvalidInput(f"--pad-vocab must be a whole number from 1 to 4096, got {pad_vocab}")
     given = load_model(model)

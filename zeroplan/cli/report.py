@@ -29,6 +29,8 @@ def command(
     console.print(f"wrote {files.readme}")
     for path in files.plots:
         console.print(f"wrote {path}")
+    if files.skipped:
+        console.print(files.skipped, highlight=False)
     for summary in files.summaries:
         console.print(summary.line().removeprefix("- ").replace("**", ""), highlight=False)
     return 0

@@ -15,6 +15,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from zeroplan.cli import options as o
+from zeroplan.core.bounded import read_text_bounded
 from zeroplan.core.errors import DoesNotFit, InvalidConfig
 
 MAX_CONFIG_BYTES = 1 << 20
@@ -36,14 +37,7 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 def read_config(path: Path) -> dict[str, Any]:
     """The config file as a dict; a missing, unreadable, malformed or non-object file raises
     InvalidConfig with one line (duplicate keys too, as DeepSpeed's own loader refuses them)."""
-    try:
-        if path.stat().st_size > MAX_CONFIG_BYTES:
-            raise InvalidConfig(f"{path} is larger than 1 MiB; a DeepSpeed config is a small JSON file")
-        text = path.read_bytes().decode("utf-8")
-    except FileNotFoundError:
-        raise InvalidConfig(f"config file {path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise InvalidConfig(f"cannot read config {path}: {getattr(error, 'strerror', None) or error}") from None
+    text = read_text_bounded(path, MAX_CONFIG_BYTES, "config file", InvalidConfig)
     try:
         config = json.loads(text, object_pairs_hook=_no_duplicates)
     except json.JSONDecodeError as error:

@@ -91,3 +91,20 @@ def write_files_atomic(files: dict[str | os.PathLike, str | bytes]) -> None:
                 folder.rmdir()
             except OSError:
                 pass
+
+
+def check_replaceable(path: str | os.PathLike, force: bool, flag: str = "--force") -> None:
+    """Refuse, before any work, to write over an existing file unless `force`: a command that
+    writes a default path (./ds_config.json) must not silently replace a user's file. A read-only
+    file is refused even with `force` (its mode says it is not to be replaced)."""
+    path = Path(path)
+    try:
+        exists = path.exists() or path.is_symlink()
+    except (OSError, ValueError):
+        return  # a path the file system refuses: the write reports it
+    if not exists or path.is_dir():
+        return
+    if not force:
+        raise InvalidInput(f"{str(path)[:200]} already exists; give {flag} to replace it, or another --out")
+    if not os.access(path, os.W_OK) or not path.stat().st_mode & 0o222:  # root passes access(); the mode still says
+        raise InvalidInput(f"{str(path)[:200]} is read-only; make it writable or give another --out")

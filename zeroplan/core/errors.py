@@ -5,6 +5,7 @@ class ZeroplanError(Exception):
     """Base of every error zeroplan reports to a user as one line (exit status 2)."""
 
     exit_code = 2
+    label = "error"
 
 
 class UnknownModel(ZeroplanError):
@@ -39,3 +40,10 @@ class DoesNotFit(ZeroplanError):
 
 class MissingDependency(ZeroplanError):
     """A heavy optional dependency (torch, deepspeed, transformers) is not importable."""
+
+
+class Interrupted(ZeroplanError):
+    """Ctrl-C or SIGTERM stopped a long command; the message says what was kept and how to resume."""
+
+    exit_code = 130
+    label = "interrupted"

@@ -17,6 +17,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from zeroplan.core.bounded import read_text_bounded
 from zeroplan.core.errors import InvalidProfile, UnknownGPU, UnknownModel
 
 PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
@@ -24,6 +25,25 @@ DEFAULT_GPU = "a100-80gb"
 LLM_ARCHS = ("qwen2", "llama", "phi3")
 NORMS = ("layer_norm", "rms_norm")
 MAX_PROFILE_BYTES = 1 << 20
+# The most a profile's shape may say: several times the largest models trained (Llama-3 405B has
+# 126 layers, hidden 16384, a 128k vocabulary; InternViT-6B 45 layers, 448 px / 14 px tiles), so
+# no real model is refused, while a typo like 2^40 layers fails at once instead of making every
+# estimate loop for minutes over layers that cannot exist.
+SHAPE_LIMITS = {"hidden_size": 1 << 17, "num_layers": 1024, "num_heads": 1024, "num_kv_heads": 1024,
+                "intermediate_size": 1 << 19, "vocab_size": 1 << 22, "head_dim": 4096, "patch_size": 1024,
+                "image_size": 8192}
+MAX_PATCH_GRID = 256  # image_size / patch_size: 65,536 patches a tile at most
+MAX_GPU_MEMORY_BYTES = 1 << 44
+# The [calibrated] table: each key, its kind and the range it may take (`zeroplan calibrate`
+# writes it; estimate, recommend and generate read it).
+CALIBRATED_RANGES: dict[str, tuple[type, float, float]] = {
+    "cuda_context_bytes": (int, 0, MAX_GPU_MEMORY_BYTES), "runs": (int, 0, 1 << 40),
+    "compute_efficiency": (float, 1e-6, 1.0), "misaligned_gemm_efficiency": (float, 1e-6, 1.0),
+    "layer_overhead_s": (float, 0.0, 10.0), "compiled_layer_overhead_s": (float, 0.0, 10.0),
+    "recompute_layer_overhead_s": (float, 0.0, 10.0), "step_tensor_overhead_s": (float, 0.0, 10.0),
+    "stage3_module_overhead_s": (float, 0.0, 10.0),
+    "allocator_replay_median_error": (float, 0.0, 1e6), "allocator_replay_worst_error": (float, 0.0, 1e6),
+}
 
 
 @dataclass(frozen=True)
@@ -113,17 +133,13 @@ class GPUProfile:
 
 def _read_data_file(path: Path) -> dict[str, Any]:
     """Parse a TOML or JSON profile; nothing in it is ever executed."""
+    raw = read_text_bounded(path, MAX_PROFILE_BYTES, "profile", InvalidProfile)
     try:
-        if path.stat().st_size > MAX_PROFILE_BYTES:
-            raise InvalidProfile(f"profile {path} is larger than 1 MiB; a profile is a small TOML or JSON file")
-        raw = path.read_bytes().decode("utf-8")
         if path.suffix == ".json":
             data = json.loads(raw)
         else:
             data = tomllib.loads(raw)
-    except InvalidProfile:
-        raise
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as error:
+    except (ValueError, RecursionError) as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise InvalidProfile(f"cannot read profile {path}: {reason}") from None
     if not isinstance(data, dict):
@@ -145,8 +161,9 @@ def _field(data: dict[str, Any], key: str, kind: type, where: str, *, positive: 
         raise InvalidProfile(f"{where}: '{key}' must be a {kind.__name__}, got {value!r}")
     if positive and not value > 0:
         raise InvalidProfile(f"{where}: '{key}' must be positive, got {value!r}")
-    if kind is int and value > 1 << 40:
-        raise InvalidProfile(f"{where}: '{key}' is implausibly large ({value})")
+    if kind is int and value > SHAPE_LIMITS.get(key, 1 << 40):
+        raise InvalidProfile(f"{where}: '{key}' is implausibly large ({value}); at most "
+                             f"{SHAPE_LIMITS.get(key, 1 << 40)} is accepted")
     return value
 
 
@@ -160,6 +177,9 @@ def _vision_from(data: dict[str, Any], where: str) -> VisionTower:
         raise InvalidProfile(f"{where}: hidden_size must be divisible by num_heads")
     if ints["image_size"] % ints["patch_size"]:
         raise InvalidProfile(f"{where}: image_size must be a multiple of patch_size")
+    if ints["image_size"] // ints["patch_size"] > MAX_PATCH_GRID:
+        raise InvalidProfile(f"{where}: image_size / patch_size is {ints['image_size'] // ints['patch_size']}; "
+                             f"at most {MAX_PATCH_GRID} patches a side are accepted")
     return VisionTower(
         name=_field(data, "name", str, where), norm=norm,
         qkv_bias=_field(data, "qkv_bias", bool, where), qk_norm=_field(data, "qk_norm", bool, where),
@@ -176,8 +196,8 @@ def _llm_from(data: dict[str, Any], where: str) -> LanguageModel:
     if ints["num_heads"] % ints["num_kv_heads"]:
         raise InvalidProfile(f"{where}: num_heads must be a multiple of num_kv_heads")
     head_dim = data.get("head_dim", ints["hidden_size"] // ints["num_heads"])
-    if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim <= 0:
-        raise InvalidProfile(f"{where}: 'head_dim' must be a positive integer")
+    if isinstance(head_dim, bool) or not isinstance(head_dim, int) or not 0 < head_dim <= SHAPE_LIMITS["head_dim"]:
+        raise InvalidProfile(f"{where}: 'head_dim' must be a positive integer of at most {SHAPE_LIMITS['head_dim']}")
     if "head_dim" not in data and ints["hidden_size"] % ints["num_heads"]:
         raise InvalidProfile(f"{where}: hidden_size must be divisible by num_heads (or give head_dim)")
     return LanguageModel(
@@ -267,25 +287,53 @@ def load_model(name_or_path: str) -> ModelProfile:
     return model_from_data(_read_data_file(found), str(found.relative_to(PROFILES_DIR.parent.parent)))
 
 
-def gpu_from_data(data: dict[str, Any], where: str) -> GPUProfile:
-    """Validate a parsed GPU profile."""
-    calibrated = data.get("calibrated", {})
+def check_calibrated(calibrated: Any, memory_bytes: int, where: str) -> dict[str, Any]:
+    """The [calibrated] table, every value of the kind and range CALIBRATED_RANGES gives (a
+    context that is negative or not smaller than the GPU would make every plan fit or none)."""
     if not isinstance(calibrated, dict):
         raise InvalidProfile(f"{where}: [calibrated] must be a table")
+    unknown = set(calibrated) - set(CALIBRATED_RANGES) - {"source"}
+    if unknown:
+        raise InvalidProfile(f"{where} [calibrated]: unknown key(s) {', '.join(sorted(unknown))} "
+                             f"(known: source, {', '.join(sorted(CALIBRATED_RANGES))})")
+    if not isinstance(calibrated.get("source", ""), str):
+        raise InvalidProfile(f"{where} [calibrated]: 'source' must be a string")
+    for key, value in calibrated.items():
+        if key == "source":
+            continue
+        kind, low, high = CALIBRATED_RANGES[key]
+        high = min(high, memory_bytes - 1) if key == "cuda_context_bytes" else high
+        number = (int,) if kind is int else (int, float)
+        if (isinstance(value, bool) or not isinstance(value, number) or not math.isfinite(value)
+                or not low <= value <= high):
+            what, show = ("a whole number", int) if kind is int else ("a finite number", float)
+            raise InvalidProfile(f"{where} [calibrated]: '{key}' must be {what} from {show(low)} to {show(high)}, "
+                                 f"got {value!r}")
+    return dict(calibrated)
+
+
+def gpu_from_data(data: dict[str, Any], where: str) -> GPUProfile:
+    """Validate a parsed GPU profile."""
+    memory_bytes = _field(data, "memory_bytes", int, where, positive=True)
+    if memory_bytes > MAX_GPU_MEMORY_BYTES:
+        raise InvalidProfile(f"{where}: 'memory_bytes' is implausibly large ({memory_bytes})")
+    context = _field(data, "cuda_context_bytes", int, where)
+    if not 0 <= context < memory_bytes:
+        raise InvalidProfile(f"{where}: 'cuda_context_bytes' must be from 0 to less than memory_bytes, got {context}")
+    calibrated = check_calibrated(data.get("calibrated", {}), memory_bytes, where)
     aliases = data.get("aliases", [])
     if not isinstance(aliases, list) or not all(isinstance(a, str) for a in aliases):
         raise InvalidProfile(f"{where}: 'aliases' must be a list of strings")
     return GPUProfile(
         name=_field(data, "name", str, where), aliases=tuple(aliases),
-        memory_bytes=_field(data, "memory_bytes", int, where, positive=True),
+        memory_bytes=memory_bytes,
         bf16_dense_tflops=float(_field(data, "bf16_dense_tflops", float, where, positive=True)),
         hbm_bandwidth_gbps=float(_field(data, "hbm_bandwidth_gbps", float, where, positive=True)),
         intra_node_link=str(data.get("intra_node_link", "")),
         intra_node_bandwidth_gbps=float(_field(data, "intra_node_bandwidth_gbps", float, where, positive=True)),
         inter_node_bandwidth_gbps=float(_field(data, "inter_node_bandwidth_gbps", float, where, positive=True)),
         pcie_bandwidth_gbps=float(_field(data, "pcie_bandwidth_gbps", float, where, positive=True)),
-        cuda_context_bytes=_field(data, "cuda_context_bytes", int, where),
-        source=str(data.get("source", "")), calibrated=dict(calibrated), path=where,
+        cuda_context_bytes=context, source=str(data.get("source", "")), calibrated=calibrated, path=where,
     )
 
 

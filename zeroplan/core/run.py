@@ -14,6 +14,7 @@ from zeroplan.core.errors import InvalidInput
 from zeroplan.core.plan import KERNELS, OFFLOAD_DEVICES, Plan, TrainShape
 
 TOWERS = ("vision", "projector", "llm")
+MAX_STEPS = 100_000  # a measured run is minutes; the replays of a run's draws loop over its steps
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "varlen")
 NOT_IN_POINT_ID = frozenset({"steps", "warmup_steps"})
 # Fields added after points were measured: left out of the point id at their default, so the
@@ -78,6 +79,15 @@ class RunSpec:
     timing: str = "sync"
 
     def __post_init__(self):
+        for name in ("grad_ckpt", "packed", "fixed_tiles", "compile"):
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidInput(f"{name} must be true or false, got {getattr(self, name)!r:.60}")
+        for name in ("model", "gpu", "dataset"):
+            value = getattr(self, name)
+            if not (isinstance(value, str) or (value is None and name != "model")):
+                raise InvalidInput(f"{name} must be a string, got {value!r:.60}")
+        if not isinstance(self.frozen, (list, tuple)) or not all(isinstance(t, str) for t in self.frozen):
+            raise InvalidInput(f"frozen must be a list of tower names, got {self.frozen!r:.60}")
         object.__setattr__(self, "frozen", tuple(sorted(set(self.frozen))))
         unknown = set(self.frozen) - set(TOWERS)
         if unknown:
@@ -100,6 +110,8 @@ class RunSpec:
             raise InvalidInput(f"timing must be one of {', '.join(TIMINGS)}, got {self.timing!r}")
         if self.attn_implementation == "varlen" and not self.packed:
             raise InvalidInput("varlen attention needs packed rows (packed = true)")
+        if self.steps > MAX_STEPS:
+            raise InvalidInput(f"steps must be at most {MAX_STEPS}, got {self.steps}")
         if self.warmup_steps >= self.steps:
             raise InvalidInput(f"warmup_steps ({self.warmup_steps}) must be fewer than steps ({self.steps})")
         self.shape(), self.plan()
@@ -135,7 +147,7 @@ class RunSpec:
         if unknown:
             raise InvalidInput(f"unknown RunSpec fields: {', '.join(sorted(unknown))}")
         data = dict(data)
-        if "frozen" in data:
+        if isinstance(data.get("frozen"), list):
             data["frozen"] = tuple(data["frozen"])
         return cls(**data)
 

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from zeroplan.lab import jsonl
-from zeroplan.core.errors import InvalidInput
+from zeroplan.core.bounded import MAX_INPUT_BYTES, read_bounded
+from zeroplan.core.errors import InvalidInput, ZeroplanError
 from zeroplan.runner.launch import free_port, launch_command
 from zeroplan.core.run import RunSpec
 
@@ -28,6 +29,8 @@ STATUSES = ("ok", "oom", "timeout", "error")
 OOM_MARKERS = ("out of memory", "outofmemoryerror", "signal 9 (sigkill)", "cannot allocate memory")
 RUNNER_OOM_EXIT_CODE = 3  # zeroplan.runner.train: 0 ok, 3 out of GPU memory, 1 any other error
 KILL_GRACE_S = 10.0
+KILL_WAIT_S = 10.0  # how long a stop waits for SIGKILLed processes to be gone
+TREE_POLL_S = 0.5  # how often a running point's process tree is looked at
 LOG_TAIL_BYTES = 64 * 1024
 
 CommandFor = Callable[[RunSpec, Path, Path, int], list[str]]
@@ -64,36 +67,138 @@ def _die_with_parent() -> None:
 
 
 def _kill_group(pgid: int, sig: int) -> None:
+    if pgid == os.getpgrp():  # never signal the sweep's own group (a rank that did not setsid)
+        return
     try:
         os.killpg(pgid, sig)
     except (ProcessLookupError, PermissionError):
         pass
 
 
+def _proc_stat(pid: int) -> tuple[int, int, int, str] | None:
+    """(parent pid, process group, start time, state) from /proc/<pid>/stat, or None when gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            fields = handle.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return int(fields[1]), int(fields[2]), int(fields[19]), fields[0].decode()
+
+
+class ProcessTree:
+    """Every process a point started, remembered by (pid, start time) while the point runs.
+
+    torchrun starts each rank in a session of its own, so killing the launcher's process group
+    misses the ranks, and once the launcher is dead they are re-parented and no longer look like
+    its children. Watching the tree while it lives is what lets a stop reach all of them (a pid is
+    only signalled while its start time matches, so a reused pid is never hit)."""
+
+    def __init__(self, root: int):
+        self.root = root
+        self.seen: dict[int, int] = {}
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Add the root's current descendants (a /proc walk: Linux only; elsewhere the root alone)."""
+        parents: dict[int, list[int]] = {}
+        try:
+            entries = [int(name) for name in os.listdir("/proc") if name.isdigit()]
+        except OSError:
+            entries = []
+        stats = {}
+        for pid in entries:
+            stat = _proc_stat(pid)
+            if stat is not None:
+                stats[pid] = stat
+                parents.setdefault(stat[0], []).append(pid)
+        todo = [self.root]
+        while todo:
+            pid = todo.pop()
+            if pid in stats and pid not in self.seen:
+                self.seen[pid] = stats[pid][2]
+            todo.extend(child for child in parents.get(pid, ()) if child not in self.seen)
+
+    def alive(self) -> list[int]:
+        """The remembered processes still running (zombies count as gone)."""
+        living = []
+        for pid, started in self.seen.items():
+            stat = _proc_stat(pid)
+            if stat is not None and stat[2] == started and stat[3] != "Z":
+                living.append(pid)
+        return living
+
+    def signal(self, sig: int) -> None:
+        """Send `sig` to the root's group and to every living remembered process and its group."""
+        _kill_group(self.root, sig)
+        for pid in self.alive():
+            stat = _proc_stat(pid)
+            if stat is not None:
+                _kill_group(stat[1], sig)
+            try:
+                os.kill(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
+def stop_tree(process: subprocess.Popen, tree: ProcessTree, grace_s: float) -> None:
+    """SIGTERM the point's processes (torchrun passes it on to its ranks), SIGKILL what is left
+    after `grace_s`, and wait until every one of them is gone, so no rank outlives the point and
+    keeps holding GPU memory. A second Ctrl-C meanwhile skips the grace period but not the
+    killing; it is raised once every process is gone."""
+    interrupted = False
+    while True:
+        try:
+            _stop(process, tree, 0.0 if interrupted else grace_s)
+            break
+        except KeyboardInterrupt:
+            interrupted = True
+    if interrupted:
+        raise KeyboardInterrupt
+
+
+def _stop(process: subprocess.Popen, tree: ProcessTree, grace_s: float) -> None:
+    tree.refresh()
+    tree.signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        process.poll()
+        tree.refresh()
+        if process.returncode is not None and not tree.alive():
+            break
+        time.sleep(0.05)
+    tree.signal(signal.SIGKILL)
+    process.wait()
+    deadline = time.monotonic() + KILL_WAIT_S
+    while tree.alive() and time.monotonic() < deadline:
+        tree.signal(signal.SIGKILL)
+        time.sleep(0.05)
+
+
 def run_process(command: list[str], log_path: Path, timeout_s: float, grace_s: float = KILL_GRACE_S) -> PointOutcome:
     """Run one point's command in a new session (its own process group) with its output in
-    `log_path`; past `timeout_s` the whole group gets SIGTERM, then SIGKILL after `grace_s`.
-    Whatever is left of the group when the leader exits is killed too (stray ranks)."""
+    `log_path`; past `timeout_s`, or on an interrupt (Ctrl-C, SIGTERM turned into
+    KeyboardInterrupt), every process of the point gets SIGTERM, then SIGKILL after `grace_s`, and
+    is waited for before this returns or re-raises. Whatever the point left running when its
+    launcher exited is killed too (stray ranks)."""
     started = time.monotonic()
     timed_out = False
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                    start_new_session=True, preexec_fn=_die_with_parent)
+        tree = ProcessTree(process.pid)
         try:
-            process.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            _kill_group(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=grace_s)
-            except subprocess.TimeoutExpired:
-                _kill_group(process.pid, signal.SIGKILL)
-                process.wait()
+            while True:
+                try:
+                    process.wait(timeout=min(TREE_POLL_S, max(0.0, started + timeout_s - time.monotonic())))
+                    break
+                except subprocess.TimeoutExpired:
+                    tree.refresh()
+                    if time.monotonic() >= started + timeout_s:
+                        timed_out = True
+                        stop_tree(process, tree, grace_s)
+                        break
         finally:
-            if process.poll() is None:
-                _kill_group(process.pid, signal.SIGKILL)
-                process.wait()
-            _kill_group(process.pid, signal.SIGKILL)
+            stop_tree(process, tree, 0.0 if process.returncode is not None else grace_s)
     return PointOutcome(process.returncode, timed_out, time.monotonic() - started, _tail(log_path))
 
 
@@ -153,8 +258,8 @@ def _line_with(text: str, marker: str) -> str:
 def read_result(path: Path) -> dict[str, Any] | None:
     """The runner's result object, or None when it is missing or not a JSON object."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        data = json.loads(read_bounded(path, MAX_INPUT_BYTES * 16, "result file"))
+    except (ZeroplanError, ValueError, RecursionError):
         return None
     return data if isinstance(data, dict) else None
 
@@ -217,6 +322,7 @@ class SweepSummary:
 
 def pending(specs: list[RunSpec], results_path: Path) -> list[RunSpec]:
     """The specs whose point id is not yet in the results file (what a resumed sweep still runs)."""
+    jsonl.check_results_file(results_path)
     done = jsonl.read(results_path).by_point
     return [spec for spec in specs if spec.point_id() not in done]
 
@@ -228,14 +334,27 @@ def check_results_path(results_path: Path) -> None:
     if results_path.is_dir():
         raise InvalidInput(f"results path {results_path} is a directory")
     if results_path.exists():
+        if not results_path.is_file():  # a FIFO would block the lock's open; /dev/null would swallow results
+            raise InvalidInput(f"results path {results_path} is not a regular file")
         if not os.access(results_path, os.W_OK):
             raise InvalidInput(f"results file {results_path} is not writable")
+        jsonl.check_results_file(results_path)
         return
     ancestor = results_path.parent
     while not ancestor.exists():
         ancestor = ancestor.parent
     if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
         raise InvalidInput(f"cannot create results file {results_path}: {ancestor} is not a writable directory")
+
+
+def points_folder(results_path: Path) -> Path:
+    """Where a results file's points keep their spec, result and log:
+    `<results dir>/points/<results file stem>/` (the whole name when it does not end in .jsonl).
+    One folder per results file, so two sweeps writing different results files in one folder
+    never share (and overwrite) a point's files; two sweeps on one results file are refused by
+    the results file's lock."""
+    name = results_path.stem if results_path.suffix == ".jsonl" else results_path.name + ".points"
+    return results_path.parent / "points" / name
 
 
 class _SweepLock:
@@ -268,7 +387,7 @@ def run_sweep(specs: list[RunSpec], results_path: str | Path, command_for: Comma
 
     A torn last line from a killed sweep is cut first; points are skipped by point id, so a
     rerun after SIGKILL runs each missing point once. `extra` keys (the sweep name, the command)
-    are added to every record. Per-point files go under `<results dir>/points/<point id>/`."""
+    are added to every record. Per-point files go under `points_folder(results_path)/<point id>/`."""
     results_path = Path(results_path)
     check_results_path(results_path)
     results_path.parent.mkdir(parents=True, exist_ok=True)
@@ -279,7 +398,7 @@ def run_sweep(specs: list[RunSpec], results_path: str | Path, command_for: Comma
         for index, spec in enumerate(todo):
             if on_start:
                 on_start(spec, index, len(todo))
-            record = run_point(spec, results_path.parent / "points" / spec.point_id(), command_for, timeout_s, grace_s)
+            record = run_point(spec, points_folder(results_path) / spec.point_id(), command_for, timeout_s, grace_s)
             record.update(extra or {})
             jsonl.append(results_path, record)
             summary.ran += 1

@@ -22,12 +22,18 @@ Pure Python.
 
 from __future__ import annotations
 
+import math
 import statistics
+import tomllib
 from dataclasses import dataclass, replace
+from pathlib import Path
 
-from zeroplan.core.errors import InvalidInput
+from zeroplan.core.bounded import read_text_bounded
+from zeroplan.core.errors import InvalidInput, ZeroplanError
 from zeroplan.core.plan import Plan, TrainShape
-from zeroplan.core.profiles import GPUProfile, load_model
+from zeroplan.core.profiles import (MAX_PROFILE_BYTES, PROFILES_DIR, GPUProfile, check_calibrated, gpu_from_data,
+                                    load_model)
+from zeroplan.core.run import MAX_STEPS, RunSpec
 from zeroplan.lab.records import gradient_accumulation, record_profile, record_shape, spec_shape, step_tiles
 
 @dataclass(frozen=True)
@@ -50,12 +56,80 @@ class RunPoint:
     compiled: bool = False
 
 
+def _whole(value, low: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _finite(value, low: float) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= low
+
+
+# The numbers calibration reads off a finished record: (what each must be, its test).
+RECORD_FIELDS = {
+    "step_time_s": ("a positive number of seconds", lambda v: _finite(v, 0) and v > 0),
+    "measured_peak_allocated_bytes": ("a positive whole number", lambda v: _whole(v, 1)),
+    "measured_peak_reserved_bytes": ("a positive whole number", lambda v: _whole(v, 1)),
+    "nvml_peak_used_bytes": ("a whole number >= 0", lambda v: _whole(v, 0)),
+    "tiles_per_sample": ("a number >= 0", lambda v: _finite(v, 0)),
+}
+
+
+def check_record(record: dict) -> None:
+    """Refuse, with one line naming the point and the field, a finished (status ok) record that
+    calibration would read and that is not what `zeroplan bench` writes: a spec that is not a
+    valid RunSpec, numbers that are missing, null, strings, zero or not finite, step tiles that
+    are not a list of whole numbers. Records that did not finish are not read, so not checked."""
+    if not isinstance(record, dict) or record.get("status") != "ok":
+        return
+    where = f"result {str(record.get('point_id'))[:40]}"
+    spec = record.get("spec")
+    if spec is None:
+        return
+    if not isinstance(spec, dict):
+        raise InvalidInput(f"{where}: 'spec' must be an object (a RunSpec), got {type(spec).__name__}")
+    try:
+        RunSpec.from_dict(spec)
+    except (InvalidInput, TypeError, ValueError) as error:
+        raise InvalidInput(f"{where}: its spec is not a valid run: {' '.join(str(error).split())[:200]}") from None
+    if not isinstance(record.get("model"), str):
+        raise InvalidInput(f"{where}: 'model' must be a profile name, got {record.get('model')!r:.60}")
+    for key, (what, test) in RECORD_FIELDS.items():
+        value = record.get(key)
+        measured = record.get("measured_peak_allocated_bytes") is not None  # a GPU run: it has all three
+        optional = key in ("nvml_peak_used_bytes", "tiles_per_sample") or (
+            key in ("measured_peak_reserved_bytes", "step_time_s") and not measured)
+        if value is None and (optional or key == "measured_peak_allocated_bytes"):
+            continue
+        if not test(value):
+            raise InvalidInput(f"{where}: '{key}' must be {what}, got {value!r:.60}")
+    tiles = record.get("step_tiles")
+    if tiles is not None and (not isinstance(tiles, list) or len(tiles) > MAX_STEPS
+                              or not all(_whole(t, 0) for t in tiles)):
+        raise InvalidInput(f"{where}: 'step_tiles' must be a list of whole numbers >= 0")
+
+
+# The allocator replay walks every step it is given; zeroplan's runs measure 10 steps or fewer.
+# A longer run is replayed over its first steps and its largest one (where the peak follows),
+# so a run of 10^5 steps costs what one of 16 does.
+MAX_REPLAYED_STEPS = 16
+
+
+def replayed_steps(tiles: tuple[int, ...] | None) -> tuple[int, ...] | None:
+    """A run's step tiles bounded for the replay: all of them up to MAX_REPLAYED_STEPS, else the
+    first ones with the largest step last."""
+    if tiles is None or len(tiles) <= MAX_REPLAYED_STEPS:
+        return tiles
+    head = tiles[:MAX_REPLAYED_STEPS - 1]
+    return head + (max(tiles),)
+
+
 def points_from_records(records: list[dict]) -> list[RunPoint]:
     """The usable lines of a results file (status ok, measured on a GPU)."""
     from zeroplan.core.tuning import tuned_plan
 
     points = []
     for record in records:
+        check_record(record)
         spec = record.get("spec") or {}
         if record.get("status") != "ok" or not record.get("measured_peak_allocated_bytes") or not spec:
             continue
@@ -68,7 +142,7 @@ def points_from_records(records: list[dict]) -> list[RunPoint]:
         points.append(RunPoint(shape, plan, record["model"], float(record["step_time_s"]),
                                int(record["measured_peak_allocated_bytes"]),
                                int(record["measured_peak_reserved_bytes"]), record.get("nvml_peak_used_bytes"),
-                               spec_shape(record), step_tiles(record), gradient_accumulation(record),
+                               spec_shape(record), replayed_steps(step_tiles(record)), gradient_accumulation(record),
                                int(spec.get("vocab_multiple", 1)), bool(spec.get("compile", False))))
     return points
 
@@ -82,7 +156,10 @@ def fit_memory(points: list[RunPoint], gpu: GPUProfile) -> dict[str, float | int
     if not points:
         raise InvalidInput("no finished GPU run in the results: nothing to calibrate from")
     out: dict[str, float | int] = {}
-    contexts = [p.nvml_used_bytes - p.peak_reserved_bytes for p in points if p.nvml_used_bytes]
+    # NVML's 'used' below torch's reserved is a broken reading (another process, a counter
+    # reset), not a negative context: such runs are left out.
+    contexts = [p.nvml_used_bytes - p.peak_reserved_bytes for p in points
+                if p.nvml_used_bytes and p.nvml_used_bytes > p.peak_reserved_bytes]
     if contexts:
         out["cuda_context_bytes"] = int(statistics.median(contexts))
     errors = []
@@ -97,11 +174,17 @@ def fit_memory(points: list[RunPoint], gpu: GPUProfile) -> dict[str, float | int
 
 
 def calibrate(records: list[dict], gpu: GPUProfile) -> dict[str, float | int]:
-    """Every constant the runs determine, plus how many runs each came from."""
+    """Every constant the runs determine, plus how many runs each came from. Constants outside
+    the range a GPU profile accepts (core.profiles.CALIBRATED_RANGES) are refused here, so what
+    calibrate writes always loads."""
     points = points_from_records(records)
     constants = fit_memory(points, gpu)
     constants.update(fit_step_constants(records, gpu))
     constants["runs"] = len(points)
+    try:
+        check_calibrated(constants, gpu.memory_bytes, "the measured constants")
+    except ZeroplanError as error:
+        raise InvalidInput(f"{error}; the runs do not determine usable constants") from None
     return constants
 
 
@@ -125,11 +208,89 @@ def with_constants(gpu: GPUProfile, constants: dict) -> GPUProfile:
     return replace(gpu, calibrated=dict(constants))
 
 
+def toml_string(text: str) -> str:
+    """`text` as a TOML basic string: quotes, backslashes and control characters escaped."""
+    escapes = {"\\": "\\\\", '"': '\\"', "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}
+    out = []
+    for char in text:
+        if char in escapes:
+            out.append(escapes[char])
+        elif ord(char) < 0x20 or ord(char) == 0x7F or 0xD800 <= ord(char) <= 0xDFFF:
+            out.append(f"\\u{ord(char):04X}" if ord(char) < 0xD800 else "\\uFFFD")
+        else:
+            out.append(char)
+    return '"' + "".join(out) + '"'
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return toml_string(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    return repr(value)
+
+
 def calibrated_table(constants: dict, source: str) -> str:
-    """The TOML text of a [calibrated] table (numbers and one source string)."""
-    lines = ["[calibrated]", f"source = {source!r}".replace("'", '"')]
+    """The TOML text of a [calibrated] table (finite numbers and one source string)."""
+    lines = ["[calibrated]", f"source = {toml_string(source)}"]
     for key in sorted(constants):
         value = constants[key]
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            lines.append(f"{key} = {value}")
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            lines.append(f"{key} = {value!r}")
     return "\n".join(lines) + "\n"
+
+
+GPU_FIELDS = ("name", "aliases", "memory_bytes", "bf16_dense_tflops", "hbm_bandwidth_gbps", "intra_node_link",
+              "intra_node_bandwidth_gbps", "inter_node_bandwidth_gbps", "pcie_bandwidth_gbps", "cuda_context_bytes",
+              "source")
+
+
+def _base_text(gpu: GPUProfile) -> str | None:
+    """The TOML file the profile was loaded from (its comments cite sources), without its
+    [calibrated] table; None when it cannot be found or is JSON. A bundled profile's path is
+    relative to the package's parent, not to the folder calibrate runs in."""
+    path = Path(gpu.path) if gpu.path else None
+    if path is None or path.suffix != ".toml":
+        return None
+    for candidate in (path, PROFILES_DIR.parent.parent / path):
+        try:
+            if candidate.is_file():
+                text = read_text_bounded(candidate, MAX_PROFILE_BYTES, "GPU profile")
+                break
+        except (OSError, ValueError, ZeroplanError):
+            return None
+    else:
+        return None
+    kept, inside = [], False
+    for line in text.splitlines():
+        header = line.strip()
+        if header.startswith("["):
+            inside = header.replace(" ", "") == "[calibrated]"
+        if not inside:
+            kept.append(line)
+    return "\n".join(kept).rstrip("\n")
+
+
+def _loads_as_gpu(text: str, where: str) -> bool:
+    try:
+        gpu_from_data(tomllib.loads(text), where)
+    except (ValueError, RecursionError, ZeroplanError):
+        return False
+    return True
+
+
+def profile_text(gpu: GPUProfile, constants: dict, source: str) -> str:
+    """A whole GPU profile (TOML) with the calibrated constants: the file it came from (comments
+    kept) with its [calibrated] table replaced, or, where that file cannot be used, the profile's
+    fields written out. Either way the text is checked to load as a GPU profile."""
+    table = calibrated_table(constants, source)
+    base = _base_text(gpu)
+    if base is not None and _loads_as_gpu(base + "\n\n" + table, gpu.name):
+        return base + "\n\n" + table
+    fields = "\n".join(f"{key} = {_toml_value(getattr(gpu, key))}" for key in GPU_FIELDS)
+    text = fields + "\n\n" + table
+    if not _loads_as_gpu(text, gpu.name):
+        raise InvalidInput(f"the calibrated profile of {gpu.name} does not load back; nothing written")
+    return text

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from zeroplan.core.bounded import MAX_RESULTS_BYTES, read_bounded
 from zeroplan.core.errors import InvalidInput
 
 POINT_ID_KEY = "point_id"
@@ -45,12 +46,14 @@ def encode(record: dict[str, Any]) -> bytes:
 
 
 def repair(path: str | Path) -> int:
-    """Cut a torn last line (no trailing newline) left by a killed writer; return bytes removed.
-
-    Only the tail after the last newline is removed: every complete line stays untouched."""
+    """Before appending: cut a torn last line (no trailing newline) left by a killed writer, and
+    return the bytes removed. A last line that is a whole record without its newline is kept (a
+    newline is added). Only a results file is ever changed: a file none of whose lines is a record
+    (a JSON config, a text file) raises InvalidInput and is left as it was."""
     path = Path(path)
     if not path.exists():
         return 0
+    check_results_file(path)
     with open(path, "r+b") as handle:
         size = handle.seek(0, os.SEEK_END)
         if size == 0:
@@ -59,10 +62,31 @@ def repair(path: str | Path) -> int:
         if handle.read(1) == b"\n":
             return 0
         keep = _last_newline_end(handle, size)
-        handle.truncate(keep)
+        handle.seek(keep)
+        if _decode(handle.read(size - keep) + b"\n") is not None:
+            handle.seek(size)
+            handle.write(b"\n")
+            removed = 0
+        else:
+            handle.truncate(keep)
+            removed = size - keep
         handle.flush()
         os.fsync(handle.fileno())
-        return size - keep
+        return removed
+
+
+def check_results_file(path: str | Path) -> None:
+    """Refuse (InvalidInput, one line) a file that exists, is not empty and holds no record: a
+    sweep must never append to, or cut, a file that is not a results file."""
+    path = Path(path)
+    if not path.exists() or path.is_dir():
+        return
+    data = read_bounded(path, MAX_RESULTS_BYTES, "results file")
+    if not data.strip():
+        return
+    if not any(_decode(line if line.endswith(b"\n") else line + b"\n") is not None for line in _lines(data)):
+        raise InvalidInput(f"{path} is not a zeroplan results file (no line is a JSON record with a "
+                           f"{POINT_ID_KEY!r}); refusing to append to it or change it: give a new --results path")
 
 
 def _last_newline_end(handle, size: int) -> int:
@@ -123,17 +147,22 @@ def read(path: str | Path) -> Records:
         return Records(by_point, 0)
     if path.is_dir():
         raise InvalidInput(f"{path} is a directory, not a results file")
-    with open(path, "rb") as handle:
-        for raw in handle:
-            if not raw.strip():
-                continue
-            record = _decode(raw)
-            if record is None:
-                skipped += 1
-                continue
-            point_id = record[POINT_ID_KEY]
-            by_point[point_id] = record
+    for raw in _lines(read_bounded(path, MAX_RESULTS_BYTES, "results file")):
+        if not raw.strip():
+            continue
+        record = _decode(raw)
+        if record is None:
+            skipped += 1
+            continue
+        by_point[record[POINT_ID_KEY]] = record
     return Records(by_point, skipped)
+
+
+def _lines(data: bytes) -> list[bytes]:
+    """The lines of `data`, each with its newline (the last one without, when it has none)."""
+    lines = [line + b"\n" for line in data.split(b"\n")]
+    lines[-1] = lines[-1][:-1]
+    return [line for line in lines if line]
 
 
 def _decode(raw: bytes) -> dict[str, Any] | None:

@@ -8,6 +8,16 @@ import io
 from zeroplan.lab.points import BREAKDOWN_TERMS, GIB, Point, measured_value, predicted_terms, short_shape
 
 
+def available() -> bool:
+    """Whether matplotlib can be imported (it is optional: without it a report has no plots)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("matplotlib") is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def _figure(width: float, height: float):
     from matplotlib.figure import Figure
 

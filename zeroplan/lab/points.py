@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from zeroplan.lab import jsonl
+from zeroplan.core.bounded import require_file
 from zeroplan.core.errors import InvalidInput
 
 GIB = 1 << 30
@@ -67,8 +68,7 @@ def to_point(record: dict[str, Any]) -> Point | None:
 def load_points(results_path: str | Path) -> list[Point]:
     """Every usable point of a results JSONL file; InvalidInput when there is none."""
     results_path = Path(results_path)
-    if not results_path.is_file():
-        raise InvalidInput(f"results file {results_path} does not exist")
+    require_file(results_path, "results file")
     read = jsonl.read(results_path)
     points = [point for point in map(to_point, read.records) if point is not None]
     if not points:

@@ -19,6 +19,14 @@ from zeroplan.core.profiles import ModelProfile, load_model
 
 # Commit 7f0861d (runner: tiles is the most a sample holds) replaced the first draw rule.
 FIRST_DRAW_RULE_UNTIL = "2026-11-25T13:19:21+00:00"
+# Replaying a run's draws costs one Random per sample of every step on every rank; a record claiming
+# 10^12 steps or 10^9 ranks would loop for ever, so past this many draws the spec's tiles are used.
+MAX_REPLAYED_DRAWS = 1_000_000
+
+
+def _replayable(spec: dict) -> bool:
+    draws = spec["steps"] * spec.get("world_size", 1) * spec["micro_batch"]
+    return draws <= MAX_REPLAYED_DRAWS
 
 
 def _first_draw_tiles(rng: random.Random, tiles: int, fixed: bool) -> int:
@@ -57,6 +65,8 @@ def step_tiles(record: dict) -> tuple[int, ...] | None:
         accumulation = spec.get("gradient_accumulation", 1)
         return tuple(tiles // accumulation for tiles in record["step_tiles"])
     source = drawn_tiles(record)[1]
+    if source.startswith("spec") and spec["steps"] > MAX_REPLAYED_DRAWS:
+        return None
     if source.startswith("spec"):
         return (spec["tiles"] * spec["micro_batch"],) * spec["steps"]
     draw = _first_draw_tiles if "first" in source else None
@@ -81,6 +91,8 @@ def drawn_tiles(record: dict) -> tuple[int, str]:
         return -(-max(record["step_tiles"]) // rows), "recorded step_tiles"
     if spec.get("dataset") or spec.get("packed") or spec.get("fixed_tiles") or spec["tiles"] <= 1:
         return spec["tiles"], "spec (fixed tiles)"
+    if not _replayable(spec):
+        return spec["tiles"], "spec (too many draws to replay)"
     tokens_per_tile = load_model(record["model"]).tokens_per_tile
     warmup, recorded = spec.get("warmup_steps", 0), record.get("tiles_per_sample")
     rules = (("replayed first draw rule (tiles ± 3)", _first_draw_tiles), ("replayed current draw rule", draw_tiles))

@@ -197,6 +197,7 @@ class ReportFiles:
     readme: Path
     plots: tuple[Path, ...]
     summaries: tuple[ErrorSummary, ...]
+    skipped: str = ""  # why no plots were drawn, when they were not
 
 
 def write_report(results_path: str | Path, out_dir: str | Path, report_command: str) -> ReportFiles:
@@ -207,7 +208,9 @@ def write_report(results_path: str | Path, out_dir: str | Path, report_command: 
         raise InvalidInput(f"report folder {out_dir} is a file")
 
     files: dict[Path, bytes] = {}  # everything is rendered before anything is written
-    for model in _models(points):
+    skipped = "" if plotting.available() else ("plots skipped: matplotlib is not installed "
+                                               "(pip install matplotlib, then rerun this command)")
+    for model in _models(points) if not skipped else ():
         of_model = [point for point in points if point.model == model]
         for kind, plot in (("memory", plotting.plot_memory), ("throughput", plotting.plot_throughput)):
             files[out_dir / f"{kind}_{slug(model)}.png"] = plot(model, of_model)
@@ -217,4 +220,4 @@ def write_report(results_path: str | Path, out_dir: str | Path, report_command: 
     files[readme] = markdown.encode("utf-8")
     write_files_atomic(files)
     _, ours, theirs = prediction_rows(points)
-    return ReportFiles(readme, tuple(plots), (ours, theirs))
+    return ReportFiles(readme, tuple(plots), (ours, theirs), skipped)

@@ -12,6 +12,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Mapping
 
+from zeroplan.core.bounded import read_text_bounded, require_file
 from zeroplan.core.errors import InvalidInput
 from zeroplan.core.profiles import load_model
 from zeroplan.core.run import RunSpec
@@ -19,6 +20,9 @@ from zeroplan.core.run import RunSpec
 OFFLOADS = {"none": ("none", "none"), "optimizer": ("cpu", "none"), "optimizer+params": ("cpu", "cpu")}
 LAUNCHERS = ("torchrun", "deepspeed")
 MAX_SWEEP_BYTES = 1 << 20
+# A sweep runs each point for minutes on a GPU: 10,000 points is months of GPU time already, and a
+# few lines of TOML can describe 10^6 (every one built and hashed before anything runs).
+MAX_SWEEP_POINTS = 10_000
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,12 @@ class Grid:
         _reject_unknown(self.run, RUN_KEYS, "sweep [run]")
         object.__setattr__(self, "run", MappingProxyType(dict(self.run)))
 
+    def size(self) -> int:
+        """How many combinations the axes make (before offloads a stage cannot do are left out)."""
+        return math.prod(len(getattr(self, axis)) for axis in ("models", "stages", "micro_batches", "grad_ckpt",
+                                                                "offloads", "seq_lens", "tiles", "frozen",
+                                                                "lora_ranks"))
+
 
 @dataclass(frozen=True)
 class Sweep:
@@ -68,7 +78,12 @@ class Sweep:
         return self.variants or (self.grid,)
 
     def expand(self) -> list[RunSpec]:
-        """Every point of every variant, variant by variant, without repeats."""
+        """Every point of every variant, variant by variant, without repeats; more than
+        MAX_SWEEP_POINTS combinations is refused before any is built."""
+        combinations = sum(grid.size() for grid in self.grids())
+        if combinations > MAX_SWEEP_POINTS:
+            raise InvalidInput(f"the sweep has {combinations} grid combinations; at most {MAX_SWEEP_POINTS} "
+                               "are accepted (split it into several sweeps)")
         specs, seen = [], set()
         for grid in self.grids():
             for spec in expand(grid):
@@ -99,6 +114,8 @@ def expand(grid: Grid) -> list[RunSpec]:
 
     Offloads a stage cannot do (optimizer offload at stage 0, parameter offload below stage 3)
     are left out rather than failed: a grid crossing stages with offloads means "where possible"."""
+    if grid.size() > MAX_SWEEP_POINTS:
+        raise InvalidInput(f"the sweep grid has {grid.size()} combinations; at most {MAX_SWEEP_POINTS} are accepted")
     models = tuple(dict.fromkeys(resolve_model(m) for m in grid.models))
     specs: list[RunSpec] = []
     seen: set[str] = set()
@@ -138,12 +155,10 @@ def load_sweep(path: str | Path) -> Sweep:
     """Read a sweep TOML file (see benchmarks/): top-level name/launcher/timeout_s, a [grid] table
     of lists (the axes) and a [run] table of settings every point shares. Unknown keys are errors."""
     path = Path(path)
-    if not path.is_file():
-        raise InvalidInput(f"sweep file {path} does not exist")
-    if path.stat().st_size > MAX_SWEEP_BYTES:
-        raise InvalidInput(f"sweep file {path} is larger than {MAX_SWEEP_BYTES} bytes")
+    require_file(path, "sweep file")
+    text = read_text_bounded(path, MAX_SWEEP_BYTES, "sweep file")
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        data = tomllib.loads(text)
     except (ValueError, RecursionError) as error:  # TOMLDecodeError, bad UTF-8, huge ints, deep nesting
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise InvalidInput(f"sweep file {path} is not valid TOML: {reason}") from None

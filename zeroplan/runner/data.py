@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from zeroplan.core.bounded import read_text_bounded
 from zeroplan.core.errors import InvalidInput
 from zeroplan.core.profiles import ModelProfile
 
@@ -23,6 +24,7 @@ PAD_ID, BOS_ID, FIRST_BYTE_ID = 0, 1, 3
 IGNORE = -100
 SYNTHETIC_POOL = 16
 SYNTHETIC_TEXT_VOCAB = 256
+MAX_DATASET_BYTES = 1 << 30  # the JSONL of conversations; the images themselves are read one by one
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -157,13 +159,27 @@ def image_tiles(path: Path, image_size: int, max_tiles: int):
     return torch.stack([(p.permute(2, 0, 1).float() / 255 - mean) / std for p in pixels])
 
 
+def image_path(root: Path, name: object) -> Path:
+    """The image a record names, relative to the dataset's folder. A path that resolves outside
+    that folder (`../../x.png`, an absolute path, a symlink pointing out) is refused: a dataset
+    file from elsewhere must not make a training run read, and train on, arbitrary files."""
+    if not isinstance(name, str) or not name or "\x00" in name:
+        raise InvalidInput(f"dataset image must be a non-empty path string, got {str(name)[:80]!r}")
+    folder = root.resolve()
+    path = (folder / name).resolve()
+    if not path.is_relative_to(folder):
+        raise InvalidInput(f"dataset image {name[:200]!r} resolves outside the dataset's folder {folder}; "
+                           "images must lie under the folder of the JSONL file")
+    return path
+
+
 def conversation_sample(record: dict, root: Path, profile: ModelProfile, image_token_id: int,
                         seq_len: int, max_tiles: int) -> Sample:
     """One JSONL record as a Sample: '<image>' in the human turn becomes the image tokens; human
     turns are not trained, gpt turns are; the tail is cut at seq_len (never the image tokens)."""
     pixels = None
     if record.get("image"):
-        pixels = image_tiles(root / record["image"], profile.vision.image_size, max_tiles)
+        pixels = image_tiles(image_path(root, record["image"]), profile.vision.image_size, max_tiles)
         while pixels.shape[0] * profile.tokens_per_tile > seq_len - 8 and pixels.shape[0] > 1:
             pixels = pixels[-1:]
     image_ids = [image_token_id] * (0 if pixels is None else pixels.shape[0] * profile.tokens_per_tile)
@@ -193,13 +209,18 @@ class JsonlData:
         self.path = Path(path)
         self.profile, self.image_token_id, self.spec = profile, image_token_id, spec
         self.rank, self.world_size = rank, world_size
+        lines = read_text_bounded(self.path, MAX_DATASET_BYTES, "dataset").splitlines()
         try:
-            lines = self.path.read_text(encoding="utf-8").splitlines()
             self.records = [json.loads(line) for line in lines if line.strip()]
-        except (OSError, ValueError) as error:
+        except (ValueError, RecursionError) as error:
             raise InvalidInput(f"cannot read dataset {path}: {error}") from None
         if not self.records:
             raise InvalidInput(f"dataset {path} has no records")
+        if not all(isinstance(record, dict) for record in self.records):
+            raise InvalidInput(f"dataset {path}: every line must be a JSON object")
+        for record in self.records:  # refuse an escaping image before any rank starts training
+            if record.get("image"):
+                image_path(self.path.parent, record["image"])
 
     def _sample(self, index: int) -> Sample:
         record = self.records[(index * self.world_size + self.rank) % len(self.records)]

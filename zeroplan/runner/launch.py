@@ -19,6 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from zeroplan.core.bounded import MAX_INPUT_BYTES, read_bounded
 from zeroplan.core.errors import InvalidInput
 from zeroplan.core.run import RunSpec
 
@@ -67,7 +68,7 @@ def run_spec(spec: RunSpec, workdir: str | os.PathLike, launcher: str = "torchru
         except subprocess.TimeoutExpired:
             status, exit_code = "timeout", None
     if result_path.is_file():
-        result = json.loads(result_path.read_text(encoding="utf-8"))
+        result = json.loads(read_bounded(result_path, MAX_INPUT_BYTES * 16, "result file"))
     else:
         result = {"status": status or "error", "reason": f"no result written (exit {exit_code}); see {log_path}"}
     result["exit_code"] = exit_code

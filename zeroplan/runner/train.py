@@ -14,8 +14,8 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
 
+from zeroplan.core.bounded import MAX_INPUT_BYTES, read_text_bounded
 from zeroplan.core.run import RunSpec
 
 EXIT_OK, EXIT_ERROR, EXIT_OOM = 0, 1, 3
@@ -277,7 +277,7 @@ def one_line(error: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run one spec on this rank; see the module docstring for exit statuses."""
     args = parse_args(argv)
-    spec = RunSpec.from_json(Path(args.spec).read_text(encoding="utf-8"))
+    spec = RunSpec.from_json(read_text_bounded(args.spec, MAX_INPUT_BYTES, "run spec"))
     result = base_result(spec)
     rank, code = int(os.environ.get("RANK", "0")), EXIT_ERROR
     try:
