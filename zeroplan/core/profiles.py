@@ -109,6 +109,8 @@ class GPUProfile:
     source: str
     calibrated: dict[str, Any] = field(default_factory=dict)
     path: str = ""
+    host_memory_bytes_per_node: int = 0  # a typical node's RAM, assumed when neither probed nor stated (0: unknown)
+    host_memory_source: str = ""
 
 
 def _read_data_file(path: Path) -> dict[str, Any]:
@@ -286,6 +288,9 @@ def gpu_from_data(data: dict[str, Any], where: str) -> GPUProfile:
         pcie_bandwidth_gbps=float(_field(data, "pcie_bandwidth_gbps", float, where, positive=True)),
         cuda_context_bytes=_field(data, "cuda_context_bytes", int, where),
         source=str(data.get("source", "")), calibrated=dict(calibrated), path=where,
+        host_memory_bytes_per_node=_field(data, "host_memory_gib_per_node", int, where, positive=True) * 2**30
+        if "host_memory_gib_per_node" in data else 0,
+        host_memory_source=str(data.get("host_memory_source", "")),
     )
 
 
