@@ -233,6 +233,9 @@ def _is_file(path: Path) -> bool:
         return False
 
 
+HF_ORGANISATION = "opengvlab"  # the Hugging Face organisation whose model ids resolve to bundled profiles
+
+
 def _norm(name: str) -> str:
     return name.strip().lower().replace("_", ".")
 
@@ -262,6 +265,11 @@ def load_model(name_or_path: str) -> ModelProfile:
             raise UnknownModel(f"model profile file '{name_or_path}' does not exist")
         return model_from_data(_read_data_file(path), str(path), path.parent)
     found = _model_index().get(_norm(name_or_path))
+    if found is None and "/" in name_or_path:
+        # A Hugging Face id (OpenGVLab/InternVL2_5-8B) names the same model as its bundled profile.
+        organisation, _, repository = name_or_path.strip().partition("/")
+        if organisation.lower() == HF_ORGANISATION:
+            found = _model_index().get(_norm(repository))
     if found is None:
         known = ", ".join(sorted(k for k in _model_index() if len(k) <= 5))
         raise UnknownModel(f"unknown model '{name_or_path[:80]}': use a short name ({known}), "
