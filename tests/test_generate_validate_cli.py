@@ -114,7 +114,8 @@ def test_validate_reports_schema_autos_and_fit(generated, capsys):
     assert main(args + ["--json"]) == 0
     payload = json.loads(capsys.readouterr().out)
     assert payload["fits"] is True and payload["verdict"] == "fits" and payload["stage"] == 3
-    assert payload["margin_bytes"] == payload["capacity_bytes"] - payload["per_gpu_bytes"]["peak"] > 0
+    assert payload["margin_bytes"] == payload["usable_bytes"] - payload["per_gpu_bytes"]["peak"] > 0
+    assert payload["usable_bytes"] == int(payload["capacity_bytes"] * 0.95) and payload["unknown_keys"] == []
     assert 0 < payload["margin_percent"] < 100
     assert "bf16.enabled" in payload["auto_fields"]
 

@@ -9,8 +9,11 @@ import typer
 from zeroplan.cli import options as o
 
 
-def estimate_payload(profile, shape, plan, chosen, memory, baseline) -> dict:
-    """The JSON object `estimate --json` prints (also used by validate)."""
+def estimate_payload(profile, shape, plan, chosen, memory, baseline, headroom: float = 0.05) -> dict:
+    """The JSON object `estimate --json` prints (also used by validate); the verdict is
+    core.fit's, the rule recommend ranks with."""
+    from zeroplan.core.fit import fit_verdict
+
     return {
         "model": profile.name, "gpu": chosen.profile.name, "gpu_origin": chosen.origin,
         "world_size": plan.world_size, "gpus_per_node": plan.gpus_per_node, "nodes": plan.nodes,
@@ -19,7 +22,8 @@ def estimate_payload(profile, shape, plan, chosen, memory, baseline) -> dict:
         "optimizer_group_elems": plan.optimizer_group_elems, "frozen": sorted(shape.frozen), "lora_rank": shape.lora_rank,
         "offload_optimizer": plan.offload_optimizer, "offload_params": plan.offload_params,
         "per_gpu_bytes": memory.per_gpu_bytes(), "breakdown_bytes": memory.as_dict(),
-        "capacity_bytes": memory.capacity, "headroom_bytes": memory.headroom(), "fits": memory.headroom() >= 0,
+        "capacity_bytes": memory.capacity, "headroom_bytes": memory.headroom(),
+        **fit_verdict(memory.peak, memory.capacity, headroom),
         "cpu_bytes_per_node": memory.cpu_bytes_per_node, "deepspeed_estimator_bytes": baseline,
     }
 
@@ -47,8 +51,9 @@ def render_table(payload: dict) -> None:
     table.add_section()
     table.add_row(f"peak (at {breakdown['peak_phase']})", o.gib(breakdown["peak"]), style="bold")
     table.add_row("capacity", o.gib(payload["capacity_bytes"]))
-    headroom = payload["headroom_bytes"]
-    table.add_row("headroom", o.gib(headroom), style="green" if headroom >= 0 else "red")
+    table.add_row(f"usable ({payload['headroom']:.0%} kept free)", o.gib(payload["usable_bytes"]))
+    table.add_row(f"margin: {payload['verdict']}", o.gib(payload["margin_bytes"]),
+                  style="green" if payload["fits"] else "red")
     if payload["cpu_bytes_per_node"]:
         table.add_row("host RAM per node (offload)", o.gib(payload["cpu_bytes_per_node"]))
     baseline = payload["deepspeed_estimator_bytes"]
@@ -100,6 +105,7 @@ def command(
     persistence: Annotated[Optional[int], typer.Option("--persistence", help="stage3_param_persistence_threshold; default: tuned.")] = None,
     ckpt_layers: Annotated[Optional[int], typer.Option("--ckpt-layers", help="With --grad-ckpt: checkpoint only the first N LLM decoder layers (default: all).")] = None,
     optimizer_groups: Annotated[int, typer.Option("--optimizer-groups", help="ZeRO-1/2: the optimizer's parameters in groups of at most N elements (0: one group).")] = 0,
+    headroom: o.Headroom = 0.05,
     json_out: o.Json = False,
 ):
     """Per-GPU memory of one plan: breakdown, peak, capacity and DeepSpeed's own estimate beside it."""
@@ -120,11 +126,13 @@ def command(
                  "prefetch_bucket_elems": prefetch_bucket, "max_live_params": max_live,
                  "param_persistence_threshold": persistence}
     plan = plan.with_(**{key: value for key, value in overrides.items() if value is not None})
+    o.check_fraction("--headroom", headroom)
     chosen = choose_gpu(gpu)
     memory = estimate(profile, shape, plan, chosen.profile)
-    payload = estimate_payload(profile, shape, plan, chosen, memory, deepspeed_baseline(profile, shape, plan))
+    payload = estimate_payload(profile, shape, plan, chosen, memory, deepspeed_baseline(profile, shape, plan),
+                               headroom)
     if json_out:
         o.print_json(payload)
     else:
         render_table(payload)
-    return 0
+    return 0 if payload["fits"] else 3  # the statuses every planning verb uses: 0 fits, 3 does not, 2 bad input

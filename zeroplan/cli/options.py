@@ -24,6 +24,8 @@ LoraRank = Annotated[int, typer.Option("--lora-rank", help="Train LoRA adapters 
 HostMemoryGib = Annotated[Optional[float], typer.Option(
     "--host-memory-gib", help="Host RAM per node in GiB (default: probed with the GPU, else the GPU profile's "
                               "typical node).")]
+Headroom = Annotated[float, typer.Option(
+    "--headroom", help="Fraction of GPU memory kept free; a plan fits when its peak leaves it (default 0.05).")]
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")]
 
 

@@ -187,7 +187,7 @@ def command(
     tiles: o.Tiles = 7,
     freeze: o.Freeze = None,
     lora_rank: o.LoraRank = 0,
-    headroom: Annotated[float, typer.Option("--headroom", help="Fraction of GPU memory kept free.")] = 0.05,
+    headroom: o.Headroom = 0.05,
     no_offload: Annotated[bool, typer.Option("--no-offload", help="Never offload to the CPU.")] = False,
     flavour: Annotated[str, typer.Option("--flavour", help="concrete or hf (HF Trainer 'auto' fields).")] = "concrete",
     out: Annotated[Path, typer.Option("--out", help="Where to write the DeepSpeed config.")] = Path("ds_config.json"),

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from zeroplan.core.errors import DoesNotFit, InvalidInput
+from zeroplan.core.fit import DEFAULT_HEADROOM, usable_bytes
 from zeroplan.core.hostmem import HostMemory, host_fits
 from zeroplan.core.memory import MemoryBreakdown, estimate
 from zeroplan.core.plan import Plan, TrainShape
@@ -140,16 +141,14 @@ def evaluate(profile: ModelProfile, shape: TrainShape, plan: Plan, gpu: GPUProfi
 
 
 def recommend(profile: ModelProfile, shape: TrainShape, base: Plan, gpu: GPUProfile, global_batch: int,
-              headroom: float = 0.05, stages=(0, 1, 2, 3), allow_offload: bool = True,
+              headroom: float = DEFAULT_HEADROOM, stages=(0, 1, 2, 3), allow_offload: bool = True,
               speed: bool = True, host: HostMemory | None = None) -> Recommendation:
     """The fastest plan that fits the GPU (and, with `host`, the node's RAM), with every alternative
     and why it lost (`why_not`, from the same keys the ranking uses).
 
     Raises DoesNotFit when no candidate fits (core.hints finds, and verifies, what would)."""
-    if not 0 <= headroom < 0.9:
-        raise InvalidInput(f"--headroom must be a fraction between 0 and 0.9, got {headroom}")
+    budget = usable_bytes(gpu.memory_bytes, headroom)
     per_gpu = per_gpu_batch(global_batch, base.world_size)
-    budget = int(gpu.memory_bytes * (1 - headroom))
     candidates = _evaluate_fastest_first(profile, base, shape, gpu, per_gpu, stages, allow_offload, speed, budget,
                                          host=host)
     fitting = [c for c in candidates if c.fits]
