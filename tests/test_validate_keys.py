@@ -72,3 +72,11 @@ def test_estimate_exits_3_when_the_plan_does_not_fit(capsys):
     assert main(fits + ["--headroom", "0.89"]) == 3
     assert json.loads(capsys.readouterr().out)["fits"] is False
     assert main(fits[:-1] + ["--headroom", "2"]) == 2
+
+
+def test_the_ci_workflow_installs_the_pinned_deepspeed():
+    root = Path(__file__).resolve().parents[1]
+    workflow = (root / ".github/workflows/zeroplan-configs.yml").read_text()
+    pins = (root / "requirements/cpu.txt").read_text()
+    assert "deepspeed==" in pins and "grep '^deepspeed==' requirements/cpu.txt" in workflow
+    assert "install deepspeed -e" not in workflow and "install deepspeed " not in workflow
