@@ -56,7 +56,7 @@ def test_validate_reports_a_typo_and_judges_with_headroom(tmp_path, capsys):
     data["steps_per_prnt"] = data.pop("gradient_acumulation_steps")
     config.write_text(json.dumps(data))
     assert main(args) == 0  # consistent otherwise: it fits, and the typo is reported
-    assert "steps_per_prnt (did you mean steps_per_print?)" in capsys.readouterr().err
+    assert "steps_per_prnt (did you mean steps_per_print?)" in capsys.readouterr().out
     main(args + ["--json", "--headroom", "0.2"])
     payload = json.loads(capsys.readouterr().out)
     assert payload["headroom"] == 0.2 and payload["usable_bytes"] == int(payload["capacity_bytes"] * 0.8)

@@ -71,7 +71,7 @@ def _print_report(path: Path, autos: list[str], payload: dict[str, Any]) -> None
                f"of {gib(payload['usable_bytes'])} GiB usable ({gib(payload['capacity_bytes'])} GiB less "
                f"{payload['headroom']:.0%} kept free)")
     for key in payload["unknown_keys"]:
-        typer.echo(f"unknown top-level key (DeepSpeed {DEEPSPEED_VERSION} ignores it silently): {key}", err=True)
+        typer.echo(f"unknown top-level key (DeepSpeed {DEEPSPEED_VERSION} ignores it silently): {key}")
     sign = "left" if payload["fits"] else "short"
     typer.echo(f"verdict: {payload['verdict']} ({gib(abs(payload['margin_bytes']))} GiB {sign}, "
                f"{abs(payload['margin_percent'])} % of the GPU)")
