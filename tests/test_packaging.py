@@ -1,5 +1,6 @@
 """Item 12 of issue 16: the profiles are package data, so a non-editable install can plan."""
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -12,8 +13,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_the_wheel_carries_every_profile(tmp_path):
     pytest.importorskip("setuptools")
+    # Build from a copy: setuptools writes build/ and *.egg-info into the source folder.
+    source = tmp_path / "src"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "reports",
+                                                                "__pycache__", ".pytest_cache"))
     built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-                            "--wheel-dir", str(tmp_path), str(ROOT)],
+                            "--wheel-dir", str(tmp_path), str(source)],
                            capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert built.returncode == 0, built.stderr[-2000:]
     wheel = next(tmp_path.glob("zeroplan-*.whl"))
