@@ -20,6 +20,7 @@ from pathlib import Path
 from zeroplan.core.atomic import write_files_atomic
 from zeroplan.lab.calibrate import points_from_records
 from zeroplan.lab.jsonl import read
+from zeroplan.lab.points import relative_error
 from zeroplan.core.memory import estimate
 from zeroplan.core.profiles import load_gpu
 from zeroplan.lab.records import drawn_tiles, record_profile
@@ -78,21 +79,17 @@ def rows_for(sweep: Path, calibrated, plain) -> list[dict]:
             row.update(measured_allocated=measured_alloc, measured_reserved=measured_res,
                        measured_nvml_used=record.get("nvml_peak_used_bytes"), measured_step_s=record["step_time_s"],
                        mfu=record.get("mfu"),
-                       error_allocated=(with_cal.peak_allocated - measured_alloc) / measured_alloc,
-                       error_reserved_calibrated=(with_cal.peak_reserved - measured_res) / measured_res,
-                       error_reserved_uncalibrated=(without.peak_reserved - measured_res) / measured_res,
-                       error_nvml_calibrated=relative(with_cal.peak, record.get("nvml_peak_used_bytes")),
-                       error_nvml_uncalibrated=relative(without.peak, record.get("nvml_peak_used_bytes")),
-                       error_deepspeed=(baseline - measured_alloc) / measured_alloc if baseline else None,
-                       error_step_calibrated=(time_cal - record["step_time_s"]) / record["step_time_s"],
-                       error_step_uncalibrated=(time_plain - record["step_time_s"]) / record["step_time_s"],
+                       error_allocated=relative_error(with_cal.peak_allocated, measured_alloc),
+                       error_reserved_calibrated=relative_error(with_cal.peak_reserved, measured_res),
+                       error_reserved_uncalibrated=relative_error(without.peak_reserved, measured_res),
+                       error_nvml_calibrated=relative_error(with_cal.peak, record.get("nvml_peak_used_bytes")),
+                       error_nvml_uncalibrated=relative_error(without.peak, record.get("nvml_peak_used_bytes")),
+                       error_deepspeed=relative_error(baseline, measured_alloc),
+                       error_step_calibrated=relative_error(time_cal, record["step_time_s"]),
+                       error_step_uncalibrated=relative_error(time_plain, record["step_time_s"]),
                        steady=steady(record))
         rows.append(row)
     return rows
-
-
-def relative(predicted: int, measured: int | None) -> float | None:
-    return (predicted - measured) / measured if measured else None
 
 
 def summary(values: list[float]) -> str:

@@ -40,8 +40,9 @@ VERBS = ("estimate", "recommend", "generate", "validate", "probe", "bench", "rep
 EXIT_CODES = {verb: {0, 2} for verb in VERBS}
 EXIT_CODES["recommend"] |= {3}
 EXIT_CODES["validate"] |= {3}
+EXIT_CODES["estimate"] |= {3}  # the plan does not fit (issue 16: the same statuses as recommend and validate)
 TRACEBACK_MARK = "Traceback (most recent call last)"
-SUGGESTION_PREFIX = "  would fit with:"
+DETAIL_PREFIX = "  "  # recommend's nothing-fits lines after the first: node RAM, verified hints
 
 
 @dataclass(frozen=True)
@@ -506,8 +507,8 @@ def problems(outcome: Outcome) -> list[str]:
     if code == 2 and (len(lines) != 1 or not lines[0].startswith("zeroplan: error: ")):
         found.append(f"error is {len(lines)} line(s) on stderr, not one 'zeroplan: error:' line")
     if code == 3 and verb == "recommend" and (not lines or not lines[0].startswith("zeroplan: ")
-                                              or any(not l.startswith(SUGGESTION_PREFIX) for l in lines[1:])):
-        found.append("'nothing fits' is not one line plus suggestion lines")
+                                              or any(not l.startswith(DETAIL_PREFIX) for l in lines[1:])):
+        found.append("'nothing fits' is not one line plus indented detail lines")
     if code in (1, 3) and verb != "recommend" and len(lines) > 1:
         found.append(f"{len(lines)} lines on stderr for exit status {code}")
     if outcome.written_on_failure:

@@ -109,8 +109,9 @@ def test_a_partly_used_gpu_is_planned_with_its_free_memory(monkeypatch, capsys):
     assert idle.profile.memory_bytes == total and "free memory" not in idle.origin
 
     monkeypatch.setattr(nvml, "probe", lambda: probed)
-    assert main(["estimate", "--model", "8b", "--gpus", "8", "--json"]) == 0
+    code = main(["estimate", "--model", "8b", "--gpus", "8", "--json"])
     busy = json.loads(capsys.readouterr().out)
+    assert code == (0 if busy["fits"] else 3)  # estimate exits 3 on a plan that does not fit
     monkeypatch.setattr(nvml, "probe", lambda: ProbeResult(gpus=(ProbedGPU(0, "NVIDIA H100 80GB HBM3", total,
                                                                             total, 0),)))
     assert main(["estimate", "--model", "8b", "--gpus", "8", "--json"]) == 0

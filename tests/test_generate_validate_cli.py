@@ -58,13 +58,15 @@ def test_check_reports_a_changed_value_with_a_diff(generated, capsys):
     assert "1 config file(s)" in captured.err
 
 
-def test_check_reports_missing_and_extra_files(generated, capsys):
-    (generated / "zero_stage2_config.json").unlink()
+def test_check_reports_missing_files_and_names_other_files_without_failing(generated, capsys):
     (generated / "mine.json").write_text("{}\n")
+    assert main(["generate", "--out", str(generated), "--check"]) == 0  # another JSON file is not drift
+    assert "not compared: mine.json" in capsys.readouterr().out
+    (generated / "zero_stage2_config.json").unlink()
     assert main(["generate", "--out", str(generated), "--check"]) == 1
     out = capsys.readouterr().out
     assert "--- /dev/null\n+++ generated/zero_stage2_config.json" in out
-    assert f"--- {generated / 'mine.json'}\n+++ /dev/null" in out
+    assert f"--- {generated / 'mine.json'}" not in out and "/dev/null\n" not in out.split("zero_stage2")[1]
     assert not (generated / "zero_stage2_config.json").exists()
 
 
@@ -114,7 +116,8 @@ def test_validate_reports_schema_autos_and_fit(generated, capsys):
     assert main(args + ["--json"]) == 0
     payload = json.loads(capsys.readouterr().out)
     assert payload["fits"] is True and payload["verdict"] == "fits" and payload["stage"] == 3
-    assert payload["margin_bytes"] == payload["capacity_bytes"] - payload["per_gpu_bytes"]["peak"] > 0
+    assert payload["margin_bytes"] == payload["usable_bytes"] - payload["per_gpu_bytes"]["peak"] > 0
+    assert payload["usable_bytes"] == int(payload["capacity_bytes"] * 0.95) and payload["unknown_keys"] == []
     assert 0 < payload["margin_percent"] < 100
     assert "bf16.enabled" in payload["auto_fields"]
 

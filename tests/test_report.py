@@ -8,6 +8,7 @@ import pytest
 
 from zeroplan.lab import points, report
 from zeroplan.cli.main import main
+from zeroplan.core.profiles import load_gpu
 
 GIB = 1 << 30
 SHAPE = {"micro_batch": 1, "seq_len": 4096, "tiles": 7, "grad_ckpt": True, "world_size": 1}
@@ -123,3 +124,31 @@ def test_the_runners_full_breakdown_and_allocated_prediction_are_used():
     assert points.predicted_allocated(point) == GIB // 2
     lines, ours, _ = report.prediction_rows([point])
     assert ours.errors_pct == (-50.0,) and ours.under_estimates == 1
+
+
+def test_memory_plot_compares_like_with_like_and_names_device_and_length():
+    from zeroplan.lab import plots
+
+    record = {"model": "m", "stage": 1, "status": "ok", "micro_batch": 1, "seq_len": 4096, "tiles": 1,
+              "grad_ckpt": True, "device": "NVIDIA H100 80GB HBM3", "predicted_peak_bytes": 30 * 2**30,
+              "predicted_peak_allocated_bytes": 20 * 2**30, "predicted_peak_reserved_bytes": 25 * 2**30,
+              "measured_peak_allocated_bytes": 21 * 2**30, "measured_peak_reserved_bytes": 24 * 2**30}
+    point = points.to_point(record)
+    bars = dict((label, (predicted, measured)) for label, predicted, measured in plots.memory_bars(point))
+    assert bars["allocated"] == (20 * 2**30, 21 * 2**30)  # never the 30 GiB total against allocated
+    assert bars["reserved"] == (25 * 2**30, 24 * 2**30)
+    title = plots.memory_title("m", [point])
+    assert "H100" in title and "4096 tokens" in title
+    assert plots.capacity_bytes([point]) == load_gpu("h100").memory_bytes
+
+
+def test_report_and_accuracy_report_share_one_error_definition():
+    import ast
+    from pathlib import Path
+
+    assert points.relative_error(110, 100) == 0.1 and points.relative_error(1, 0) is None
+    root = Path(__file__).resolve().parents[1]
+    for path in (root / "zeroplan/lab/report.py", root / "benchmarks/accuracy_report.py"):
+        tree = ast.parse(path.read_text())
+        names = {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)}
+        assert "relative_error" in names, path

@@ -16,6 +16,7 @@ class ChosenGPU:
 
     profile: GPUProfile
     origin: str
+    probed: bool = False  # found on this node by NVML (so this node's RAM is the node's RAM too)
 
 
 def choose_gpu(name: str | None, probe=None) -> ChosenGPU:
@@ -34,10 +35,10 @@ def choose_gpu(name: str | None, probe=None) -> ChosenGPU:
     if matched is None:
         gpu = load_gpu(DEFAULT_GPU)
         return ChosenGPU(replace(gpu, name=first.name, memory_bytes=first.total_bytes),
-                         f"probed {first.name} (no bundled profile: speeds of {gpu.name} assumed)")
+                         f"probed {first.name} (no bundled profile: speeds of {gpu.name} assumed)", probed=True)
     origin = f"probed {first.name} ({len(result.gpus)} on this node)"
     if first.free_bytes < matched.memory_bytes:
         origin += (f"; planning with its free memory, {first.free_bytes / 2**30:.1f} of "
                    f"{first.total_bytes / 2**30:.1f} GiB")
         matched = replace(matched, memory_bytes=first.free_bytes)
-    return ChosenGPU(matched, origin)
+    return ChosenGPU(matched, origin, probed=True)

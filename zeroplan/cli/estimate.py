@@ -32,8 +32,9 @@ def render_table(payload: dict) -> None:
     table.add_section()
     table.add_row(f"peak (at {breakdown['peak_phase']})", o.gib(breakdown["peak"]), style="bold")
     table.add_row("capacity", o.gib(payload["capacity_bytes"]))
-    headroom = payload["headroom_bytes"]
-    table.add_row("headroom", o.gib(headroom), style="green" if headroom >= 0 else "red")
+    table.add_row(f"usable ({payload['headroom']:.0%} kept free)", o.gib(payload["usable_bytes"]))
+    table.add_row(f"margin: {payload['verdict']}", o.gib(payload["margin_bytes"]),
+                  style="green" if payload["fits"] else "red")
     table.add_section()
     accumulation = payload["gradient_accumulation"]
     table.add_row(f"step ({accumulation} micro-step{'s' if accumulation > 1 else ''}), seconds",
@@ -78,6 +79,7 @@ def command(
     ckpt_layers: Annotated[Optional[int], typer.Option("--ckpt-layers", help="With --grad-ckpt: checkpoint only the first N LLM decoder layers (default: all).")] = None,
     optimizer_groups: Annotated[int, typer.Option("--optimizer-groups", help="ZeRO-1/2: the optimizer's parameters in groups of at most N elements (0: one group).")] = 0,
     grad_accum: Annotated[int, typer.Option("--grad-accum", help="Micro-steps per optimizer step (what DeepSpeed holds between them, and the step time).")] = 1,
+    headroom: o.Headroom = 0.05,
     json_out: o.Json = False,
 ):
     """Per-GPU memory of one plan: breakdown, peak, capacity and DeepSpeed's own estimate beside it."""
@@ -102,15 +104,16 @@ def command(
                  "prefetch_bucket_elems": prefetch_bucket, "max_live_params": max_live,
                  "param_persistence_threshold": persistence}
     plan = plan.with_(**{key: value for key, value in overrides.items() if value is not None})
+    o.check_fraction("--headroom", headroom)
     if isinstance(grad_accum, bool) or not 1 <= grad_accum <= 65536:
         raise InvalidInput(f"--grad-accum must be a whole number from 1 to 65536, got {grad_accum}")
     chosen = choose_gpu(gpu)
     memory = estimate(profile, shape, plan, chosen.profile, gradient_accumulation=grad_accum)
     step = step_time(profile, shape, plan, chosen.profile, grad_accum)
     payload = plan_summary(profile, shape, plan, chosen.profile.name, chosen.origin, memory, step, grad_accum,
-                           estimator_quietly(profile, shape, plan))
+                           estimator_quietly(profile, shape, plan), headroom)
     if json_out:
         o.print_json(payload)
     else:
         render_table(payload)
-    return 0
+    return 0 if payload["fits"] else 3  # the statuses every planning verb uses: 0 fits, 3 does not, 2 bad input

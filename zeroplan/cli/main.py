@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import sys
 
-
 from zeroplan.core.errors import ZeroplanError
 
 VERBS = ("estimate", "recommend", "generate", "validate", "probe", "bench", "report", "calibrate")
@@ -19,12 +18,14 @@ def build_app(only: str | None = None):
     when the command line names a verb: importing every verb costs start-up time)."""
     import typer
 
+    # Plain (click) help: rich markup would eat "[calibrated]" and show every flag as taking a <bool>.
     app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                      rich_markup_mode=None, context_settings={"help_option_names": ["-h", "--help"]},
                       help="Per-GPU memory plans and DeepSpeed ZeRO configs for InternVL training.")
     import importlib
 
     # A callback keeps the app a group of sub-commands even when only one verb is registered.
-    app.callback()(_root)
+    app.callback()(_root_callback(typer))
     for verb in ((only,) if only in VERBS else VERBS):
         try:
             module = importlib.import_module(f"zeroplan.cli.{verb}")
@@ -36,8 +37,30 @@ def build_app(only: str | None = None):
     return app
 
 
-def _root() -> None:
-    """Per-GPU memory plans and DeepSpeed ZeRO configs for InternVL training."""
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            print(f"zeroplan {version('zeroplan')}")
+        except PackageNotFoundError:  # a source tree that was never installed
+            print("zeroplan (source tree, not installed)")
+        import typer
+
+        raise typer.Exit(0)
+
+
+def _root_callback(typer):
+    """The app's callback, with --version; typer is passed in because it is imported late (the
+    DeepSpeed validator starts first: see main)."""
+
+    def _root(
+        show_version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                          help="Print zeroplan's version and exit."),
+    ) -> None:
+        """Per-GPU memory plans and DeepSpeed ZeRO configs for InternVL training."""
+
+    return _root
 
 
 def _one_line(message: str) -> str:

@@ -21,6 +21,11 @@ SeqLen = Annotated[int, typer.Option("--seq-len", help="LLM tokens per sample, i
 Tiles = Annotated[int, typer.Option("--tiles", help="448px image tiles per sample (thumbnail included).")]
 Freeze = Annotated[Optional[list[str]], typer.Option("--freeze", help="Freeze a tower: vision, projector, llm (repeatable).")]
 LoraRank = Annotated[int, typer.Option("--lora-rank", help="Train LoRA adapters of this rank on the LLM (0: off).")]
+HostMemoryGib = Annotated[Optional[float], typer.Option(
+    "--host-memory-gib", help="Host RAM per node in GiB (default: probed with the GPU, else the GPU profile's "
+                              "typical node).")]
+Headroom = Annotated[float, typer.Option(
+    "--headroom", help="Fraction of GPU memory kept free; a plan fits when its peak leaves it (default 0.05).")]
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")]
 
 

@@ -40,7 +40,7 @@ def _payload(result, profile, chosen, config, out_path, launches) -> dict:
         "model": profile.name, "gpu": chosen.profile.name, "gpu_origin": chosen.origin,
         "world_size": best.plan.world_size, "gpus_per_node": best.plan.gpus_per_node, "nodes": best.plan.nodes,
         "global_batch": result.global_batch, "seq_len": best.shape.seq_len, "tiles": best.shape.tiles,
-        "budget_bytes": result.budget_bytes,
+        "budget_bytes": result.budget_bytes, "host_memory": result.host.as_dict() if result.host else None,
         "recommended": {**best.summary(), "per_gpu_bytes": best.memory.per_gpu_bytes(),
                         "step_time": best.time.as_dict()},
         "alternatives": alternatives, "deepspeed_config": config, "config_path": str(out_path),
@@ -91,14 +91,41 @@ def _ckpt(summary: dict) -> str:
     """on, off, or the number of decoder layers checkpointed."""
     if not summary["grad_ckpt"]:
         return "off"
-    return "on" if summary.get("ckpt_layers") is None else f"{summary['ckpt_layers']} layers"
+    return "on" if summary.get("ckpt_layers") is None else f"{summary['ckpt_layers']} lay."
 
 
-def _print(payload: dict, result) -> None:
+def runners_table(alternatives: list[dict]):
+    """The runners-up as a rich table narrow enough for 80 columns (a pipe, a CI log): short
+    headers, no vertical rules, and the reason folded rather than cut."""
+    from rich import box
+    from rich.table import Table
+
+    runners = Table(title="runners-up (best 12)", box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1),
+                    caption="mb×acc: micro-batch × accumulation; offload: - none, opt optimizer, "
+                            "opt+par optimizer and parameters (CPU); peak: GiB per GPU")
+    for column in ("ZeRO", "mb×acc", "ckpt", "loss", "offload", "peak", "tok/s"):
+        runners.add_column(column, no_wrap=True, justify="right" if column in ("peak", "tok/s") else "left")
+    runners.add_column("why not", ratio=1, min_width=20)
+    for alt in alternatives[:12]:
+        runners.add_row(str(alt["stage"]), f"{alt['micro_batch']}×{alt['gradient_accumulation']}", _ckpt(alt),
+                        "fused" if alt["loss"] != "eager" else "eager", _offload(alt),
+                        f"{alt['predicted_peak_bytes'] / 2**30:.1f}", f"{alt['predicted_tokens_per_s']:,.0f}",
+                        alt["rejected_because"].removeprefix("does not fit: "))
+    return runners
+
+
+def _offload(summary: dict) -> str:
+    """-, opt or opt+par: what a plan offloads to the CPU, short enough for a narrow column."""
+    if summary["offload_params"] != "none":
+        return "opt+par"
+    return "opt" if summary["offload_optimizer"] != "none" else "-"
+
+
+def _print(payload: dict, result, console=None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = console or Console()
     best = payload["recommended"]
     console.print(f"[dim]{payload['gpu_origin']}[/dim]")
     console.print(
@@ -113,6 +140,11 @@ def _print(payload: dict, result) -> None:
                   f"usable; step {best['predicted_step_s']:.2f} s; {best['predicted_tokens_per_s']:,.0f} tokens/s "
                   f"({best['predicted_mfu']:.0%} MFU"
                   f"{', counting attention across whole packed rows: an upper bound' if best['packed'] else ''})")
+    host = payload["host_memory"]
+    used = best["cpu_bytes_per_node"]
+    offloaded = f"{o.gib(used)} GiB per node offloaded" if used else "nothing offloaded"
+    usable = f" of {o.gib(host['budget_bytes'])} usable" if host and host["bytes_per_node"] and used else ""
+    console.print(f"  host RAM: {offloaded}{usable}; node RAM {host['origin'] if host else 'not checked'}")
     for line in payload["recipe"]:
         console.print(f"  [cyan]•[/cyan] {line}")
     table = Table(title="per-GPU memory of the recommended plan")
@@ -121,19 +153,27 @@ def _print(payload: dict, result) -> None:
     for key, value in best["per_gpu_bytes"].items():
         table.add_row(key, o.gib(value))
     console.print(table)
-    runners = Table(title="runners-up (best 12)")
-    for column in ("stage", "micro", "accum", "ckpt", "loss", "offload", "peak GiB", "tokens/s", "why not"):
-        runners.add_column(column)
-    for alt in payload["alternatives"][:12]:
-        runners.add_row(str(alt["stage"]), str(alt["micro_batch"]), str(alt["gradient_accumulation"]),
-                        _ckpt(alt), "fused" if alt["loss"] != "eager" else "eager",
-                        f"{alt['offload_optimizer']}/{alt['offload_params']}",
-                        o.gib(alt["predicted_peak_bytes"]), f"{alt['predicted_tokens_per_s']:,.0f}",
-                        alt["rejected_because"])
-    console.print(runners)
+    console.print(runners_table(payload["alternatives"]))
     console.print(f"DeepSpeed config written to [bold]{payload['config_path']}[/bold] ({payload['validation']})")
     for launcher, line in payload["launch"].items():
         console.print(f"[dim]{launcher}:[/dim] {line}", soft_wrap=True)
+
+
+def _nothing_fits(error, hints, host, json_out: bool) -> None:
+    """Why nothing fits and the changes verified to fit: one JSON object on stdout with --json,
+    else lines on stderr."""
+    if json_out:
+        o.print_json({"fits": False, "reason": str(error), "host_memory": host.as_dict() if host else None,
+                      "would_fit_with": [hint.as_dict() for hint in hints]})
+        return
+    typer.echo(f"zeroplan: {error}", err=True)
+    typer.echo(f"  node RAM: {host.origin}", err=True)
+    for hint in hints:
+        typer.echo(f"  would fit with: {hint.options} (ZeRO-{hint.stage}, {hint.predicted_tokens_per_s:,.0f} "
+                   f"tokens/s predicted)", err=True)
+    if not hints:
+        typer.echo("  no single change tried (fewer tiles, shorter sequences, a frozen vision tower, more nodes, "
+                   "more host RAM) makes a plan fit", err=True)
 
 
 def command(
@@ -147,13 +187,14 @@ def command(
     tiles: o.Tiles = 7,
     freeze: o.Freeze = None,
     lora_rank: o.LoraRank = 0,
-    headroom: Annotated[float, typer.Option("--headroom", help="Fraction of GPU memory kept free.")] = 0.05,
+    headroom: o.Headroom = 0.05,
     no_offload: Annotated[bool, typer.Option("--no-offload", help="Never offload to the CPU.")] = False,
     flavour: Annotated[str, typer.Option("--flavour", help="concrete or hf (HF Trainer 'auto' fields).")] = "concrete",
     out: Annotated[Path, typer.Option("--out", help="Where to write the DeepSpeed config.")] = Path("ds_config.json"),
     plain: Annotated[bool, typer.Option("--plain", help="Plan the plain transformers loop: no torch.compile, no fused loss.")] = False,
     packed: Annotated[bool, typer.Option("--packed", help="Rows pack several samples (varlen attention, no attention across them).")] = False,
     pad_vocab: Annotated[int, typer.Option("--pad-vocab", help="Pad the vocabulary to a multiple of this (1: as is; 128 aligns the LM head).")] = 1,
+    host_memory_gib: o.HostMemoryGib = None,
     json_out: o.Json = False,
     force: Annotated[bool, typer.Option("--force", help="Replace --out if it already exists.")] = False,
 ):
@@ -163,7 +204,8 @@ def command(
     from zeroplan.core.dsconfig import to_json
     from zeroplan.core.errors import DoesNotFit, InvalidInput
     from zeroplan.adapters.gpus import choose_gpu
-    from zeroplan.core.planner import recommend
+    from zeroplan.adapters.hostmem import node_host_memory
+    from zeroplan.core.hints import Request, verified_hints
     from zeroplan.core.profiles import load_model
 
     from dataclasses import replace
@@ -183,13 +225,12 @@ def command(
     validator = take()
     try:
         chosen = choose_gpu(gpu)
+        request = Request(profile, shape, base, chosen.profile, global_batch, headroom, not no_offload, not plain,
+                          node_host_memory(host_memory_gib, chosen))
         try:
-            result = recommend(profile, shape, base, chosen.profile, global_batch, headroom,
-                               allow_offload=not no_offload, speed=not plain)
+            result = request.plan()
         except DoesNotFit as error:
-            typer.echo(f"zeroplan: {error}", err=True)
-            for suggestion in error.suggestions:
-                typer.echo(f"  would fit with: {suggestion}", err=True)
+            _nothing_fits(error, verified_hints(request), request.host, json_out)
             return 3
         config, note = _render_config(profile, result.best, flavour, validator)
     finally:

@@ -16,7 +16,8 @@ import typer
 
 from zeroplan.cli import options as o
 from zeroplan.core.bounded import read_text_bounded
-from zeroplan.core.errors import DoesNotFit, InvalidConfig
+from zeroplan.core.ds_keys import DEEPSPEED_VERSION, unknown_top_level_keys
+from zeroplan.core.errors import DoesNotFit, InvalidConfig, ZeroplanError
 
 MAX_CONFIG_BYTES = 1 << 20
 AutoMicroBatch = Annotated[Optional[int], typer.Option(
@@ -55,20 +56,16 @@ def read_config(path: Path) -> dict[str, Any]:
     return config
 
 
-def verdict(memory) -> dict[str, Any]:
-    """Fits or not, and the margin in bytes and as a share of the GPU's capacity."""
-    margin = memory.capacity - memory.peak_bytes
-    return {"fits": margin >= 0, "verdict": "fits" if margin >= 0 else "does not fit", "margin_bytes": margin,
-            "margin_percent": round(100 * margin / memory.capacity, 1) if memory.capacity else 0.0}
-
-
 def _print_report(path: Path, autos: list[str], payload: dict[str, Any]) -> None:
     typer.echo(f"{path}: DeepSpeed accepts it (ZeRO stage {payload['stage']}, micro-batch {payload['micro_batch']}, "
                f"accumulation {payload['gradient_accumulation']}, {payload['world_size']} GPUs)")
     typer.echo(f"\"auto\" fields (filled by the HF Trainer): {', '.join(autos) if autos else 'none'}")
     gib = o.gib
     typer.echo(f"predicted per-GPU peak on {payload['gpu']}: {gib(payload['per_gpu_bytes']['peak'])} GiB "
-               f"of {gib(payload['capacity_bytes'])} GiB")
+               f"of {gib(payload['usable_bytes'])} GiB usable ({gib(payload['capacity_bytes'])} GiB less "
+               f"{payload['headroom']:.0%} kept free)")
+    for key in payload["unknown_keys"]:
+        typer.echo(f"unknown top-level key (DeepSpeed {DEEPSPEED_VERSION} ignores it silently): {key}")
     sign = "left" if payload["fits"] else "short"
     typer.echo(f"verdict: {payload['verdict']} ({gib(abs(payload['margin_bytes']))} GiB {sign}, "
                f"{abs(payload['margin_percent'])} % of the GPU)")
@@ -88,6 +85,7 @@ def command(
     lora_rank: o.LoraRank = 0,
     micro_batch: AutoMicroBatch = None,
     grad_accum: AutoAccumulation = None,
+    headroom: o.Headroom = 0.05,
     json_out: o.Json = False,
 ):
     """Check a DeepSpeed config with DeepSpeed's own schema and predict whether it fits a model and cluster."""
@@ -105,17 +103,25 @@ def command(
     profile = load_model(model)
     if gpu is not None:
         load_gpu(gpu)
+    o.check_fraction("--headroom", headroom)
     config = read_config(config_path)
-    autos = validate_config(config, per_node * node_count)
-    plan, micro, accum = plan_from_config(config, per_node, node_count, hidden_size=profile.llm.hidden_size,
-                                          micro_batch=micro_batch, gradient_accumulation=grad_accum)
+    unknown = unknown_top_level_keys(config)
+    try:
+        autos = validate_config(config, per_node * node_count)
+        plan, micro, accum = plan_from_config(config, per_node, node_count, hidden_size=profile.llm.hidden_size,
+                                              micro_batch=micro_batch, gradient_accumulation=grad_accum)
+    except ZeroplanError as error:
+        if not unknown:
+            raise
+        raise type(error)(f"{error}; the config also has top-level keys DeepSpeed ignores: "
+                          f"{', '.join(unknown)}") from None
     shape = o.build_shape(micro, seq_len, tiles, grad_ckpt, freeze, lora_rank, profile)
     chosen = choose_gpu(gpu)
     memory = estimate(profile, shape, plan, chosen.profile, gradient_accumulation=accum)
     step = step_time(profile, shape, plan, chosen.profile, accum)
     payload = plan_summary(profile, shape, plan, chosen.profile.name, chosen.origin, memory, step, accum,
-                           estimator_quietly(profile, shape, plan))
-    payload.update(config=str(config_path), deepspeed_valid=True, auto_fields=autos, **verdict(memory))
+                           estimator_quietly(profile, shape, plan), headroom)
+    payload.update(config=str(config_path), deepspeed_valid=True, auto_fields=autos, unknown_keys=unknown)
     if json_out:
         o.print_json(payload)
     else:

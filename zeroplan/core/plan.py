@@ -149,8 +149,21 @@ def cluster(gpus: int | None, nodes: int | None, gpus_per_node: int | None) -> t
         per_node = gpus if nodes is None and gpus <= 8 else (gpus // nodes if nodes else 8)
     else:
         per_node = gpus_per_node
+    nodes_given = nodes
     if nodes is None:
         nodes = math.ceil(gpus / per_node)
     if per_node * nodes != gpus:
-        raise InvalidInput(f"--gpus {gpus} is not --nodes × --gpus-per-node ({nodes} × {per_node})")
+        if gpus_per_node is None and nodes_given is None:
+            raise InvalidInput(f"--gpus {gpus} does not fill nodes of {per_node}: give --gpus-per-node with a "
+                               f"number that divides {gpus} (e.g. {_divisors_hint(gpus)}), or use "
+                               f"--gpus {gpus // per_node * per_node or per_node} or --gpus {nodes * per_node}")
+        given = f"--nodes {nodes_given}" if gpus_per_node is None else f"--gpus-per-node {per_node}"
+        raise InvalidInput(f"--gpus {gpus} cannot be split as {given}: --gpus must be a multiple of it "
+                           f"(or drop {given.split()[0]})")
     return per_node, nodes
+
+
+def _divisors_hint(gpus: int) -> str:
+    """A few node sizes (GPUs per node, at most 16) that divide `gpus`, as options."""
+    sizes = [size for size in range(16, 1, -1) if gpus % size == 0][:3]
+    return " or ".join(f"--gpus-per-node {size}" for size in sizes) or "--gpus-per-node 1"

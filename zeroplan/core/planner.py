@@ -16,6 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from zeroplan.core.errors import DoesNotFit, InvalidInput
+from zeroplan.core.fit import DEFAULT_HEADROOM, usable_bytes
+from zeroplan.core.hostmem import HostMemory, host_fits
 from zeroplan.core.memory import MemoryBreakdown, estimate
 from zeroplan.core.plan import Plan, TrainShape
 from zeroplan.core.profiles import GPUProfile, ModelProfile
@@ -50,7 +52,7 @@ class Candidate:
             "predicted_peak_bytes": self.memory.peak, "predicted_tokens_per_s": round(self.time.tokens_per_s, 1),
             "predicted_step_s": round(self.time.step_s, 4), "predicted_mfu": round(self.time.mfu, 4),
             "loss": self.shape.kernels, "compiled_layers": self.shape.compiled, "packed": self.shape.packed,
-            "fits": self.fits,
+            "cpu_bytes_per_node": self.memory.cpu_bytes_per_node, "fits": self.fits,
         }
 
 
@@ -62,6 +64,7 @@ class Recommendation:
     others: tuple[Candidate, ...]
     budget_bytes: int
     global_batch: int
+    host: HostMemory | None = None
 
 
 def per_gpu_batch(global_batch: int, world_size: int) -> int:
@@ -113,7 +116,7 @@ def _reshape(shape: TrainShape, micro_batch: int, ckpt_layers: int | None, kerne
 
 
 def evaluate(profile: ModelProfile, shape: TrainShape, plan: Plan, gpu: GPUProfile, accumulation: int,
-             budget_bytes: int, time: StepTime | None = None) -> Candidate:
+             budget_bytes: int, time: StepTime | None = None, host: HostMemory | None = None) -> Candidate:
     """Predict one candidate's memory and speed and whether it fits the budget. A ZeRO-1/2 plan
     that does not fit is tried again with the optimizer's parameters in groups
     (OPTIMIZER_GROUP_ELEMS), which shrinks the step's fp32 gradient copy to one group's: as fast,
@@ -129,43 +132,75 @@ def evaluate(profile: ModelProfile, shape: TrainShape, plan: Plan, gpu: GPUProfi
         if grouped_memory.peak < memory.peak:
             plan, memory = grouped, grouped_memory
             fits = memory.peak <= budget_bytes
-    reason = "" if fits else (f"does not fit: peak {memory.peak / 2**30:.1f} GiB > "
-                              f"{budget_bytes / 2**30:.1f} GiB usable")
+    reason = "" if fits else f"does not fit: GPU peak {memory.peak / 2**30:.1f} > {budget_bytes / 2**30:.1f} GiB"
+    if fits and not host_fits(memory.cpu_bytes_per_node, host):
+        fits = False
+        reason = (f"does not fit: host RAM {memory.cpu_bytes_per_node / 2**30:,.0f} > "
+                  f"{host.budget_bytes / 2**30:,.0f} GiB/node")
     return Candidate(plan, shape, accumulation, memory, time, fits, reason)
 
 
 def recommend(profile: ModelProfile, shape: TrainShape, base: Plan, gpu: GPUProfile, global_batch: int,
-              headroom: float = 0.05, stages=(0, 1, 2, 3), allow_offload: bool = True,
-              speed: bool = True) -> Recommendation:
-    """The fastest plan that fits, with every alternative and why it lost.
+              headroom: float = DEFAULT_HEADROOM, stages=(0, 1, 2, 3), allow_offload: bool = True,
+              speed: bool = True, host: HostMemory | None = None) -> Recommendation:
+    """The fastest plan that fits the GPU (and, with `host`, the node's RAM), with every alternative
+    and why it lost (`why_not`, from the same keys the ranking uses).
 
-    Raises DoesNotFit, with suggestions, when no candidate fits."""
-    if not 0 <= headroom < 0.9:
-        raise InvalidInput(f"--headroom must be a fraction between 0 and 0.9, got {headroom}")
+    Raises DoesNotFit when no candidate fits (core.hints finds, and verifies, what would)."""
+    budget = usable_bytes(gpu.memory_bytes, headroom)
     per_gpu = per_gpu_batch(global_batch, base.world_size)
-    budget = int(gpu.memory_bytes * (1 - headroom))
-    candidates = _evaluate_fastest_first(profile, base, shape, gpu, per_gpu, stages, allow_offload, speed, budget)
-    fitting = sorted((c for c in candidates if c.fits), key=lambda c: c.time.step_s)
+    candidates = _evaluate_fastest_first(profile, base, shape, gpu, per_gpu, stages, allow_offload, speed, budget,
+                                         host=host)
+    fitting = [c for c in candidates if c.fits]
     if not fitting:
-        raise DoesNotFit(_nothing_fits_message(candidates, budget), _suggestions(profile, shape, base))
-    fastest = fitting[0].time.step_s
-    tied = [c for c in fitting if c.time.step_s <= fastest * (1 + TIE_FRACTION)]
-    best = min(tied, key=_simplicity)
-    others = []
-    for candidate in sorted(candidates, key=lambda c: (not c.fits, c.time.step_s)):
-        if candidate is best:
-            continue
-        if candidate.fits:
-            slower = candidate.time.step_s / best.time.step_s - 1
-            why = (f"slower by {slower:.0%}" if slower >= TIE_FRACTION else
-                   "as fast (within 1 %), but a more complex plan (higher stage or offload) or a higher peak")
-            candidate = Candidate(**{**candidate.__dict__, "rejected_because": why})
-        others.append(candidate)
-    return Recommendation(best=best, others=tuple(others), budget_bytes=budget, global_batch=global_batch)
+        raise DoesNotFit(_nothing_fits_message(candidates, budget))
+    fastest = min(c.time.step_s for c in fitting)
+    fitting.sort(key=lambda c: rank_key(c, fastest))
+    best = fitting[0]
+    others = [replace(c, rejected_because=why_not(c, best, fastest)) for c in fitting[1:]]
+    others += sorted((c for c in candidates if not c.fits), key=lambda c: c.time.step_s)
+    return Recommendation(best=best, others=tuple(others), budget_bytes=budget, global_batch=global_batch, host=host)
+
+
+def _offloads(candidate: Candidate) -> int:
+    return (candidate.plan.offload_optimizer != "none") + (candidate.plan.offload_params != "none")
+
+
+# The tie-breaks among plans as fast as the fastest (within TIE_FRACTION), in order: a key (lower
+# wins) and what a runner-up that lost on it is told. rank_key and why_not both read this table, so
+# the reason printed is the comparison the ranking made.
+TIE_BREAKS = (
+    (_offloads, lambda lost, best: "as fast, but offloads to the CPU" if not _offloads(best)
+     else "as fast, but offloads more"),
+    (lambda c: STAGE_PREFERENCE[c.plan.stage],
+     lambda lost, best: f"as fast; ZeRO-{best.plan.stage} preferred to ZeRO-{lost.plan.stage}"),
+    (lambda c: c.shape.kernels != "eager", lambda lost, best: "as fast; eager loss preferred to fused"),
+    (lambda c: c.memory.peak,
+     lambda lost, best: f"as fast; peak {(lost.memory.peak - best.memory.peak) / 2**30:.1f} GiB higher"),
+)
+
+
+def rank_key(candidate: Candidate, fastest_step_s: float) -> tuple:
+    """How fitting plans are ranked (lowest first): those within TIE_FRACTION of the fastest by
+    TIE_BREAKS (simpler first), then the rest by step time."""
+    if candidate.time.step_s > fastest_step_s * (1 + TIE_FRACTION):
+        return (1, candidate.time.step_s)
+    return (0, *(key(candidate) for key, _ in TIE_BREAKS))
+
+
+def why_not(candidate: Candidate, best: Candidate, fastest_step_s: float) -> str:
+    """The comparison of rank_key that put `candidate` behind `best`, in words."""
+    lost, won = rank_key(candidate, fastest_step_s), rank_key(best, fastest_step_s)
+    if lost[0]:
+        return f"slower by {candidate.time.step_s / best.time.step_s - 1:.1%}"
+    for (_, say), mine, theirs in zip(TIE_BREAKS, lost[1:], won[1:]):
+        if mine != theirs:
+            return say(candidate, best)
+    return "as fast and as simple (an exact tie)"
 
 
 def _evaluate_fastest_first(profile, base, shape, gpu, per_gpu, stages, allow_offload, speed, budget,
-                            runners_up: int = RUNNERS_UP) -> list[Candidate]:
+                            runners_up: int = RUNNERS_UP, host: HostMemory | None = None) -> list[Candidate]:
     """Candidates with their memory predicted, fastest first, as far as the choice needs: the
     step time of every candidate is cheap, the memory prediction (an allocator replay) is not, so
     memory is predicted down the speed order until a plan fits, through the plans tied with it,
@@ -179,31 +214,22 @@ def _evaluate_fastest_first(profile, base, shape, gpu, per_gpu, stages, allow_of
         if (fastest_fit is not None and time.step_s > fastest_fit * (1 + TIE_FRACTION)
                 and sum(c.fits for c in out) > runners_up):
             break
-        candidate = evaluate(profile, candidate_shape, plan, gpu, accumulation, budget, time)
+        candidate = evaluate(profile, candidate_shape, plan, gpu, accumulation, budget, time, host)
         out.append(candidate)
         if candidate.fits and fastest_fit is None:
             fastest_fit = time.step_s
     return out
 
 
-def _simplicity(candidate: Candidate) -> tuple:
-    offloads = (candidate.plan.offload_optimizer != "none") + (candidate.plan.offload_params != "none")
-    return (offloads, STAGE_PREFERENCE[candidate.plan.stage], candidate.shape.kernels != "eager",
-            candidate.memory.peak)
-
-
 def _nothing_fits_message(candidates: list[Candidate], budget: int) -> str:
     smallest = min(candidates, key=lambda c: c.memory.peak)
-    return (f"no plan fits: the smallest peak is {smallest.memory.peak / 2**30:.1f} GiB "
-            f"(stage {smallest.plan.stage}, micro-batch {smallest.shape.micro_batch}, offload "
-            f"{smallest.plan.offload_optimizer}/{smallest.plan.offload_params}) against "
-            f"{budget / 2**30:.1f} GiB usable")
-
-
-def _suggestions(profile: ModelProfile, shape: TrainShape, base: Plan) -> tuple[str, ...]:
-    return (
-        f"more GPUs (try --gpus {base.world_size * 2})",
-        "parameter and optimizer offload to CPU under ZeRO-3 (allowed unless --no-offload)",
-        f"a shorter sequence (--seq-len {max(shape.seq_len // 2, 1)})",
-        "fewer tiles per sample (--tiles)" if shape.tiles > 1 else "freeze the vision tower (--freeze vision)",
-    )
+    message = (f"no plan fits: the smallest peak is {smallest.memory.peak / 2**30:.1f} GiB "
+               f"(stage {smallest.plan.stage}, micro-batch {smallest.shape.micro_batch}, offload "
+               f"{smallest.plan.offload_optimizer}/{smallest.plan.offload_params}) against "
+               f"{budget / 2**30:.1f} GiB usable")
+    host_bound = [c for c in candidates if c.memory.peak <= budget]
+    if host_bound:
+        least = min(host_bound, key=lambda c: c.memory.cpu_bytes_per_node)
+        message += (f"; the plans that fit the GPU need {least.memory.cpu_bytes_per_node / 2**30:,.0f} GiB of host "
+                    f"RAM per node or more ({least.rejected_because.removeprefix('does not fit: ')})")
+    return message

@@ -129,6 +129,8 @@ class GPUProfile:
     source: str
     calibrated: dict[str, Any] = field(default_factory=dict)
     path: str = ""
+    host_memory_bytes_per_node: int = 0  # a typical node's RAM, assumed when neither probed nor stated (0: unknown)
+    host_memory_source: str = ""
 
 
 def _read_data_file(path: Path) -> dict[str, Any]:
@@ -251,6 +253,9 @@ def _is_file(path: Path) -> bool:
         return False
 
 
+HF_ORGANISATION = "opengvlab"  # the Hugging Face organisation whose model ids resolve to bundled profiles
+
+
 def _norm(name: str) -> str:
     return name.strip().lower().replace("_", ".")
 
@@ -280,6 +285,11 @@ def load_model(name_or_path: str) -> ModelProfile:
             raise UnknownModel(f"model profile file '{name_or_path}' does not exist")
         return model_from_data(_read_data_file(path), str(path), path.parent)
     found = _model_index().get(_norm(name_or_path))
+    if found is None and "/" in name_or_path:
+        # A Hugging Face id (OpenGVLab/InternVL2_5-8B) names the same model as its bundled profile.
+        organisation, _, repository = name_or_path.strip().partition("/")
+        if organisation.lower() == HF_ORGANISATION:
+            found = _model_index().get(_norm(repository))
     if found is None:
         known = ", ".join(sorted(k for k in _model_index() if len(k) <= 5))
         raise UnknownModel(f"unknown model '{name_or_path[:80]}': use a short name ({known}), "
@@ -334,6 +344,9 @@ def gpu_from_data(data: dict[str, Any], where: str) -> GPUProfile:
         inter_node_bandwidth_gbps=float(_field(data, "inter_node_bandwidth_gbps", float, where, positive=True)),
         pcie_bandwidth_gbps=float(_field(data, "pcie_bandwidth_gbps", float, where, positive=True)),
         cuda_context_bytes=context, source=str(data.get("source", "")), calibrated=calibrated, path=where,
+        host_memory_bytes_per_node=_field(data, "host_memory_gib_per_node", int, where, positive=True) * 2**30
+        if "host_memory_gib_per_node" in data else 0,
+        host_memory_source=str(data.get("host_memory_source", "")),
     )
 
 

@@ -323,8 +323,23 @@ class SweepSummary:
 def pending(specs: list[RunSpec], results_path: Path) -> list[RunSpec]:
     """The specs whose point id is not yet in the results file (what a resumed sweep still runs)."""
     jsonl.check_results_file(results_path)
-    done = jsonl.read(results_path).by_point
+    done = done_ids(jsonl.read(results_path).by_point)
     return [spec for spec in specs if spec.point_id() not in done]
+
+
+def done_ids(by_point: dict[str, dict]) -> set[str]:
+    """The point ids a results file has measured. A point measured with a named GPU profile
+    (`gpu = "h100-80gb"` in older sweep files) is also done for the same spec without one: the
+    runner then matches the profile from the device, and the run is the same."""
+    ids = set(by_point)
+    for record in by_point.values():
+        spec = record.get("spec")
+        if isinstance(spec, dict) and spec.get("gpu"):
+            try:
+                ids.add(RunSpec.from_dict({**spec, "gpu": None}).point_id())
+            except ZeroplanError:  # a record from an older RunSpec: it keeps its own id only
+                continue
+    return ids
 
 
 def check_results_path(results_path: Path) -> None:

@@ -32,7 +32,7 @@ from zeroplan.core.bounded import read_text_bounded
 from zeroplan.core.errors import InvalidInput, ZeroplanError
 from zeroplan.core.plan import Plan, TrainShape
 from zeroplan.core.profiles import (MAX_PROFILE_BYTES, PROFILES_DIR, GPUProfile, check_calibrated, gpu_from_data,
-                                    load_model)
+                                    load_model, match_gpu_name)
 from zeroplan.core.run import MAX_STEPS, RunSpec
 from zeroplan.lab.records import gradient_accumulation, record_profile, record_shape, spec_shape, step_tiles
 
@@ -174,9 +174,11 @@ def fit_memory(points: list[RunPoint], gpu: GPUProfile) -> dict[str, float | int
 
 
 def calibrate(records: list[dict], gpu: GPUProfile) -> dict[str, float | int]:
-    """Every constant the runs determine, plus how many runs each came from. Constants outside
-    the range a GPU profile accepts (core.profiles.CALIBRATED_RANGES) are refused here, so what
+    """Every constant the runs determine, plus how many runs each came from. Runs made on another
+    device than `gpu` are refused, naming both (a fit across devices would be meaningless); constants
+    outside the range a GPU profile accepts (core.profiles.CALIBRATED_RANGES) are refused, so what
     calibrate writes always loads."""
+    check_devices(records, gpu)
     points = points_from_records(records)
     constants = fit_memory(points, gpu)
     constants.update(fit_step_constants(records, gpu))
@@ -186,6 +188,23 @@ def calibrate(records: list[dict], gpu: GPUProfile) -> dict[str, float | int]:
     except ZeroplanError as error:
         raise InvalidInput(f"{error}; the runs do not determine usable constants") from None
     return constants
+
+
+def check_devices(records: list[dict], gpu: GPUProfile) -> None:
+    """Raise InvalidInput when a finished run's recorded device is a different GPU model than `gpu`
+    (e.g. H100 runs calibrated with --gpu a100-80gb)."""
+    others = set()
+    for record in records:
+        device = record.get("device")
+        if record.get("status") != "ok" or not isinstance(device, str) or not device.strip():
+            continue
+        matched = match_gpu_name(device)
+        if matched is not None and matched.name != gpu.name:
+            others.add((device.strip()[:80], matched.path.rsplit("/", 1)[-1].removesuffix(".toml")))
+    if others:
+        device, stem = sorted(others)[0]
+        raise InvalidInput(f"the runs were made on {device}, not on {gpu.name} (--gpu): calibrate them with "
+                           f"--gpu {stem}, or give the results of runs on a {gpu.name}")
 
 
 def fit_step_constants(records: list[dict], gpu: GPUProfile) -> dict[str, float]:

@@ -1,11 +1,20 @@
-"""PNG plots for benchmark reports (matplotlib, imported inside the functions): the predicted
-breakdown per stage beside the measured peak, and throughput per stage."""
+"""PNG plots for benchmark reports (matplotlib, imported inside the functions): predicted beside
+measured memory per point, like with like (allocated with allocated, reserved with reserved), and
+throughput per stage."""
 
 from __future__ import annotations
 
 import io
 
-from zeroplan.lab.points import BREAKDOWN_TERMS, GIB, Point, measured_value, predicted_terms, short_shape
+from zeroplan.core.profiles import match_gpu_name
+from zeroplan.lab.points import GIB, Point, measured_value, predicted_allocated, short_shape
+
+# (predicted key, measured key, label, colour): each pair is drawn side by side. The predicted
+# total (reserved + CUDA context) is not drawn against either: torch's counters do not see the context.
+MEMORY_PAIRS = (
+    ("predicted_peak_allocated_bytes", "measured_peak_allocated_bytes", "allocated", "#4e79a7"),
+    ("predicted_peak_reserved_bytes", "measured_peak_reserved_bytes", "reserved", "#f28e2b"),
+)
 
 
 def available() -> bool:
@@ -38,35 +47,63 @@ def _png(figure) -> bytes:
     return buffer.getvalue()
 
 
+def memory_bars(point: Point) -> list[tuple[str, float | None, float | None]]:
+    """(label, predicted bytes, measured bytes) for each MEMORY_PAIRS entry of one point; measured
+    is None when the run did not finish."""
+    bars = []
+    for predicted_key, measured_key, label, _ in MEMORY_PAIRS:
+        predicted = predicted_allocated(point) if label == "allocated" else point.number(predicted_key)
+        bars.append((label, predicted, measured_value(point, measured_key)))
+    return bars
+
+
+def memory_title(model: str, points: list[Point]) -> str:
+    """Model, device(s) and sequence length(s) of the plotted runs."""
+    devices = sorted({str(p.record.get("device")) for p in points if p.record.get("device")}) or ["device unknown"]
+    lengths = sorted({int(p.record["seq_len"]) for p in points if isinstance(p.record.get("seq_len"), int)})
+    tokens = ", ".join(str(length) for length in lengths) or "?"
+    return f"{model} on {' / '.join(devices)}, {tokens} tokens: predicted vs measured peak per GPU"
+
+
+def capacity_bytes(points: list[Point]) -> int | None:
+    """The GPU's memory, from the bundled profile of the device the runs recorded (None: unknown)."""
+    for point in points:
+        device = point.record.get("device")
+        profile = match_gpu_name(device) if isinstance(device, str) and device.strip() else None
+        if profile is not None:
+            return profile.memory_bytes
+    return None
+
+
 def plot_memory(model: str, points: list[Point]) -> bytes:
-    """PNG: per point (shape, stage), zeroplan's predicted breakdown stacked, and beside it the
-    measured peak allocated (absent, marked with the status, when the point did not finish)."""
+    """PNG: per point (shape, stage), predicted and measured peak allocated side by side, then
+    predicted and measured peak reserved (measured hatched; the status instead when the run did not
+    finish), with the GPU's capacity as a line."""
     points = sorted(points, key=lambda p: (p.shape, p.stage))
-    figure = _figure(max(6.0, 0.9 * len(points) + 2), 4.5)
+    figure = _figure(max(6.0, 1.2 * len(points) + 2), 4.5)
     axes = figure.add_subplot()
-    width = 0.38
+    width = 0.2
     labelled: set[str] = set()
-    colors = ("#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948")
     for index, point in enumerate(points):
-        breakdown = predicted_terms(point.record)
-        bottom = 0.0
-        for term, color in zip(BREAKDOWN_TERMS, colors):
-            value = breakdown.get(term)
-            if isinstance(value, (int, float)) and value > 0:
-                axes.bar(index - width / 2, value / GIB, width, bottom=bottom, color=color,
-                         label=_label_once(labelled, term.replace("_", " ")))
-                bottom += value / GIB
-        measured = measured_value(point, "measured_peak_allocated_bytes")
-        if measured is not None:
-            axes.bar(index + width / 2, measured / GIB, width, color="#555555", hatch="//", edgecolor="white",
-                     label=_label_once(labelled, "measured peak"))
-        else:
-            axes.text(index + width / 2, 0, point.status.upper(), rotation=90, ha="center", va="bottom", fontsize=8)
+        for pair, (label, predicted, measured) in enumerate(memory_bars(point)):
+            color = MEMORY_PAIRS[pair][3]
+            left = index - 1.5 * width + 2 * pair * width
+            if predicted is not None:
+                axes.bar(left, predicted / GIB, width, color=color, label=_label_once(labelled, f"predicted {label}"))
+            if measured is not None:
+                axes.bar(left + width, measured / GIB, width, color=color, hatch="//", edgecolor="white",
+                         label=_label_once(labelled, f"measured {label}"))
+            elif pair == 0:
+                axes.text(left + width, 0, point.status.upper(), rotation=90, ha="center", va="bottom", fontsize=8)
+    capacity = capacity_bytes(points)
+    if capacity:
+        axes.axhline(capacity / GIB, color="#222222", linestyle="--", linewidth=1,
+                     label=_label_once(labelled, f"GPU capacity ({capacity / GIB:.0f} GiB)"))
     axes.set_xticks(range(len(points)), [f"ZeRO-{p.stage}\n{short_shape(p.shape)}" for p in points], fontsize=7)
     axes.set_ylabel("GiB per GPU")
-    axes.set_title(f"{model}: predicted breakdown (left) vs measured peak allocated (right)")
+    axes.set_title(memory_title(model, points), fontsize=9)
     if labelled:
-        axes.legend(fontsize=7, loc="upper right")
+        axes.legend(fontsize=7, loc="upper left")
     return _png(figure)
 
 

@@ -131,6 +131,15 @@ def predicted_terms(record: dict[str, Any]) -> dict[str, int]:
             "buffers": get("buffers"), "overhead": get("overhead")}
 
 
+def relative_error(predicted: float | None, measured: float | None) -> float | None:
+    """The one error definition of every report (zeroplan report, benchmarks/accuracy_report.py):
+    (predicted - measured) / measured, signed (negative: an under-estimate), as a fraction; None
+    when either side is missing or the measurement is zero."""
+    if predicted is None or not measured:
+        return None
+    return (predicted - measured) / measured
+
+
 def measured_value(point: Point, key: str) -> float | None:
     """A measured number of the point, None when the run did not get that far."""
     return point.number(key) if point.status == "ok" else None

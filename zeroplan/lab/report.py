@@ -3,9 +3,10 @@
 The README has a header (devices, dates, the command that produced the results), one table per
 model and shape with the ZeRO stages side by side, a predicted-vs-measured table (zeroplan's
 prediction and DeepSpeed's estimator against the measured peak allocated bytes), a summary of the
-errors, and the failed points with their reasons. Plots: `memory_<model>.png` (zeroplan's predicted
-breakdown stacked per stage beside the measured peak) and `throughput_<model>.png` (tokens/s per
-stage). Every file is written atomically. matplotlib is imported only when plotting.
+errors (points.relative_error, the definition benchmarks/accuracy_report.py uses too), and the
+failed points with their reasons. Plots: `memory_<model>.png` (predicted beside measured peak
+allocated, and predicted beside measured peak reserved, per point, with the GPU's capacity) and
+`throughput_<model>.png` (tokens/s per stage). Every file is written atomically. matplotlib is imported only when plotting.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 
 from zeroplan.lab import plots as plotting
 from zeroplan.lab.points import (GIB, Point, deepspeed_estimate, load_points, measured_value, predicted_allocated,
-                                  shape_label, short_shape)
+                                  relative_error, shape_label, short_shape)
 from zeroplan.core.atomic import write_files_atomic
 from zeroplan.core.errors import InvalidInput
 
@@ -57,10 +58,9 @@ def _mfu(fraction: float) -> str:
 
 
 def _error_pct(predicted: float | None, measured: float | None) -> float | None:
-    """Signed error of a prediction in percent of the measured value (negative: under-estimate)."""
-    if predicted is None or not measured:
-        return None
-    return (predicted - measured) / measured * 100
+    """points.relative_error in percent, for the tables."""
+    error = relative_error(predicted, measured)
+    return None if error is None else error * 100
 
 
 def _pct(value: float | None) -> str:
