@@ -21,6 +21,9 @@ SeqLen = Annotated[int, typer.Option("--seq-len", help="LLM tokens per sample, i
 Tiles = Annotated[int, typer.Option("--tiles", help="448px image tiles per sample (thumbnail included).")]
 Freeze = Annotated[Optional[list[str]], typer.Option("--freeze", help="Freeze a tower: vision, projector, llm (repeatable).")]
 LoraRank = Annotated[int, typer.Option("--lora-rank", help="Train LoRA adapters of this rank on the LLM (0: off).")]
+Trainer = Annotated[str, typer.Option(
+    "--trainer", help="The training stack the plan is for: internvl (InternVL's internvl_chat_finetune.py), "
+                      "hf (an HF Trainer script on transformers' InternVL class) or zeroplan (the bundled runner).")]
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")]
 
 

@@ -3,29 +3,21 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
 from zeroplan.cli import options as o
 
-ENTRY = "internvl/train/internvl_chat_finetune.py"
-
-
-def _launch_lines(plan, config_path: str) -> dict[str, str]:
-    try:
-        from zeroplan.core.launch import launch_lines
-    except ImportError:
-        return {}
-    return launch_lines(plan, ENTRY, config_path)
-
-
-def _render_config(profile, candidate, flavour: str, validator) -> tuple[dict, str]:
+def _render_config(profile, candidate, flavour: str, validator, stack, args: list[str]) -> tuple[dict, str]:
+    """The plan's config, validated by DeepSpeed and, for the HF stacks, checked against the
+    launch lines' arguments by transformers' own HfTrainerDeepSpeedConfig (in the child process)."""
     from zeroplan.core.dsconfig import render
 
     config = render(profile, candidate.shape, candidate.plan, candidate.shape.micro_batch,
                     candidate.gradient_accumulation, flavour=flavour)
-    _, note = validator.validate(config, candidate.plan.world_size)
+    trainer = None if stack.name == "zeroplan" else {"argv": args, "script_flags": sorted(stack.script_flags)}
+    _, note = validator.validate(config, candidate.plan.world_size, trainer=trainer)
     return config, note
 
 
@@ -48,7 +40,7 @@ def _payload(result, profile, chosen, config, out_path, launches) -> dict:
     }
 
 
-def _recipe(given, profile, best, gpu) -> list[str]:
+def _recipe(given, profile, best, gpu, pad_hint: bool = True) -> list[str]:
     """How to train so the prediction holds: the speed settings the recommended plan assumes, and
     what padding a misaligned vocabulary would gain (predicted)."""
     from dataclasses import replace
@@ -59,7 +51,10 @@ def _recipe(given, profile, best, gpu) -> list[str]:
     shape = best.shape
     lines = []
     layers = profile.llm.num_layers
-    if shape.grad_ckpt and shape.llm_ckpt_layers(layers) < layers:
+    if shape.grad_ckpt and shape.llm_ckpt_layers(layers) == 0:
+        lines.append("checkpoint the vision encoder's layers only (InternVL's script always does; "
+                     "--grad_checkpoint False leaves the LLM's decoder layers whole)")
+    elif shape.grad_ckpt and shape.llm_ckpt_layers(layers) < layers:
         lines.append(f"checkpoint every vision layer and only the first {shape.llm_ckpt_layers(layers)} of the "
                      f"{layers} LLM decoder layers (set gradient_checkpointing = False on layers "
                      f"{shape.llm_ckpt_layers(layers)}-{layers - 1} after gradient_checkpointing_enable)")
@@ -79,7 +74,7 @@ def _recipe(given, profile, best, gpu) -> list[str]:
         lines.append("packed rows with varlen attention (torch.nn.attention.varlen; samples do not attend across)")
     if profile.llm.vocab_size != given.llm.vocab_size:
         lines.append(f"vocabulary padded from {given.llm.vocab_size:,} to {profile.llm.vocab_size:,} rows")
-    elif profile.llm.vocab_size % ALIGNED_VOCAB_MULTIPLE:
+    elif pad_hint and profile.llm.vocab_size % ALIGNED_VOCAB_MULTIPLE:
         faster = step_time(pad_vocab(profile, 128), replace(shape), best.plan, gpu, best.gradient_accumulation)
         gain = best.time.step_s / faster.step_s - 1
         lines.append(f"the vocabulary ({profile.llm.vocab_size:,}) is not a multiple of {ALIGNED_VOCAB_MULTIPLE}: "
@@ -91,6 +86,8 @@ def _ckpt(summary: dict) -> str:
     """on, off, or the number of decoder layers checkpointed."""
     if not summary["grad_ckpt"]:
         return "off"
+    if summary.get("ckpt_layers") == 0:
+        return "vision only"
     return "on" if summary.get("ckpt_layers") is None else f"{summary['ckpt_layers']} layers"
 
 
@@ -100,6 +97,9 @@ def _print(payload: dict, result) -> None:
 
     console = Console()
     best = payload["recommended"]
+    trainer = payload["trainer"]
+    console.print(f"[bold]trainer: {trainer['name']}[/bold] — {trainer['title']}"
+                  + (f" (run from {trainer['cwd']}/)" if trainer["cwd"] else ""))
     console.print(f"[dim]{payload['gpu_origin']}[/dim]")
     console.print(
         f"[bold]{payload['model']} on {payload['world_size']} × {payload['gpu']}[/bold] "
@@ -149,7 +149,8 @@ def command(
     lora_rank: o.LoraRank = 0,
     headroom: Annotated[float, typer.Option("--headroom", help="Fraction of GPU memory kept free.")] = 0.05,
     no_offload: Annotated[bool, typer.Option("--no-offload", help="Never offload to the CPU.")] = False,
-    flavour: Annotated[str, typer.Option("--flavour", help="concrete or hf (HF Trainer 'auto' fields).")] = "concrete",
+    flavour: Annotated[Optional[str], typer.Option("--flavour", help="concrete or hf (HF Trainer 'auto' fields); default: the trainer's.")] = None,
+    trainer: o.Trainer = "internvl",
     out: Annotated[Path, typer.Option("--out", help="Where to write the DeepSpeed config.")] = Path("ds_config.json"),
     plain: Annotated[bool, typer.Option("--plain", help="Plan the plain transformers loop: no torch.compile, no fused loss.")] = False,
     packed: Annotated[bool, typer.Option("--packed", help="Rows pack several samples (varlen attention, no attention across them).")] = False,
@@ -164,6 +165,7 @@ def command(
     from zeroplan.adapters.gpus import choose_gpu
     from zeroplan.core.planner import recommend
     from zeroplan.core.profiles import load_model
+    from zeroplan.core.trainers import check_stack_options, load_stack, run_spec, stack_launch_lines, trainer_args
 
     from dataclasses import replace
 
@@ -176,6 +178,9 @@ def command(
     shape = replace(o.build_shape(1, seq_len, tiles, True, freeze, lora_rank, profile), packed=packed)
     base = o.build_plan(0, gpus, nodes, gpus_per_node)
     o.check_fraction("--headroom", headroom)
+    stack = load_stack(trainer)
+    check_stack_options(stack, packed=packed, pad_vocab=pad_vocab)
+    flavour = flavour or stack.config_flavour
     if flavour not in ("concrete", "hf"):
         raise InvalidInput(f"--flavour must be concrete or hf, got {flavour!r}")
     validator = take()
@@ -183,19 +188,27 @@ def command(
         chosen = choose_gpu(gpu)
         try:
             result = recommend(profile, shape, base, chosen.profile, global_batch, headroom,
-                               allow_offload=not no_offload, speed=not plain)
+                               allow_offload=not no_offload, speed=not plain, stack=stack)
         except DoesNotFit as error:
             typer.echo(f"zeroplan: {error}", err=True)
             for suggestion in error.suggestions:
                 typer.echo(f"  would fit with: {suggestion}", err=True)
             return 3
-        config, note = _render_config(profile, result.best, flavour, validator)
+        best = result.best
+        args = trainer_args(stack, profile, best.shape, best.plan, best.gradient_accumulation, str(out))
+        config, note = _render_config(profile, best, flavour, validator, stack, args)
     finally:
         validator.close()
+    spec_path = out.with_name(out.stem + ".run.json")
     write_atomic(out, to_json(config))
-    payload = _payload(result, profile, chosen, config, out, _launch_lines(result.best.plan, str(out)))
+    if stack.name == "zeroplan":
+        write_atomic(spec_path, run_spec(model, best, pad_vocab).to_json() + "\n")
+    payload = _payload(result, profile, chosen, config, out,
+                       stack_launch_lines(stack, best.plan, args, str(out), str(spec_path)))
+    payload["trainer"] = {"name": stack.name, "title": stack.title, "cwd": stack.cwd,
+                          "environment": stack.environment, "args": args}
     payload["validation"] = note or "validated by DeepSpeed's config classes"
-    payload["recipe"] = _recipe(given, profile, result.best, chosen.profile)
+    payload["recipe"] = _recipe(given, profile, result.best, chosen.profile, pad_hint=stack.name == "zeroplan")
     if json_out:
         o.print_json(payload)
     else:

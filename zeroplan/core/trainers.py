@@ -21,6 +21,7 @@ from zeroplan.core.errors import InvalidInput
 from zeroplan.core.launch import deepspeed_line, srun_line, srun_torchrun_line, torchrun_line
 from zeroplan.core.plan import Plan, TrainShape
 from zeroplan.core.profiles import ModelProfile
+from zeroplan.core.run import RunSpec
 
 STACKS = ("internvl", "hf", "zeroplan")
 DEFAULT_STACK = "internvl"
@@ -208,3 +209,24 @@ def stack_launch_lines(stack: TrainerStack, plan: Plan, args: list[str], config_
         "srun": (srun_line(plan, stack.entry, config_path, args, launcher_env(stack, "srun"))
                  if stack.launcher_variable else srun_torchrun_line(plan, stack.entry, config_path, args)),
     }
+
+
+def check_stack_options(stack: TrainerStack, *, packed: bool, pad_vocab: int) -> None:
+    """Refuse planning options the stack cannot execute, naming the stack that can."""
+    if packed and not stack.packing:
+        raise InvalidInput(f"--packed: the {stack.name} stack does not pack samples (use --trainer internvl or zeroplan)")
+    if pad_vocab != 1 and stack.name != "zeroplan":
+        raise InvalidInput(f"--pad-vocab: the {stack.name} stack does not pad the vocabulary (use --trainer zeroplan)")
+
+
+def run_spec(model: str, candidate, pad_vocab: int = 1) -> RunSpec:
+    """The RunSpec zeroplan's runner executes for a planner candidate (the zeroplan stack)."""
+    shape, plan = candidate.shape, candidate.plan
+    return RunSpec(model=model, stage=plan.stage, micro_batch=shape.micro_batch, seq_len=shape.seq_len,
+                   tiles=shape.tiles, grad_ckpt=shape.grad_ckpt, frozen=tuple(shape.frozen),
+                   lora_rank=shape.lora_rank, offload_optimizer=plan.offload_optimizer,
+                   offload_params=plan.offload_params, packed=shape.packed,
+                   attn_implementation="varlen" if shape.packed else "sdpa", world_size=plan.world_size,
+                   kernels=shape.kernels, compile=shape.compiled, gradient_accumulation=candidate.gradient_accumulation,
+                   vocab_multiple=pad_vocab, ckpt_layers=shape.ckpt_layers,
+                   optimizer_group_elems=plan.optimizer_group_elems)
