@@ -12,6 +12,7 @@ against the config is transformers' job (zeroplan.adapters.hf_trainer).
 
 from __future__ import annotations
 
+import shlex
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -230,3 +231,19 @@ def run_spec(model: str, candidate, pad_vocab: int = 1) -> RunSpec:
                    kernels=shape.kernels, compile=shape.compiled, gradient_accumulation=candidate.gradient_accumulation,
                    vocab_multiple=pad_vocab, ckpt_layers=shape.ckpt_layers,
                    optimizer_group_elems=plan.optimizer_group_elems)
+
+
+def script_arguments(text: str) -> list[str]:
+    """The training script's arguments from `text`: either the arguments alone or a whole launch
+    line (environment, launcher and its options, then `script.py` or `-m module`), as the shell
+    splits it. Raises InvalidInput when the text does not split (an unclosed quote)."""
+    try:
+        parts = shlex.split(text)
+    except ValueError as error:
+        raise InvalidInput(f"--trainer-args does not split as a shell line: {error}") from None
+    for index, part in enumerate(parts):
+        if part.endswith(".py"):
+            return parts[index + 1:]
+        if part in ("-m", "--module") and index + 1 < len(parts) and index > 0:
+            return parts[index + 2:]
+    return parts
