@@ -158,7 +158,7 @@ def command(
     if trainer_args is not None:
         shape = replace(shape, ckpt_layers=ckpt_layers)
     chosen = choose_gpu(gpu)
-    memory = estimate(profile, shape, plan, chosen.profile)
+    memory = estimate(profile, shape, plan, chosen.profile, gradient_accumulation=accum)
     payload = estimate_payload(profile, shape, plan, chosen, memory, deepspeed_baseline(profile, shape, plan))
     payload.update(config=str(config_path), deepspeed_valid=True, auto_fields=autos, gradient_accumulation=accum,
                    **verdict(memory))
