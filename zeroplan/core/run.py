@@ -19,7 +19,8 @@ NOT_IN_POINT_ID = frozenset({"steps", "warmup_steps"})
 # Fields added after points were measured: left out of the point id at their default, so the
 # points measured before they existed keep their ids (and sweeps keep resuming).
 LATER_DEFAULTS = {"kernels": "eager", "compile": False, "gradient_accumulation": 1, "vocab_multiple": 1,
-                  "ckpt_layers": None, "optimizer_group_elems": 0}
+                  "ckpt_layers": None, "optimizer_group_elems": 0, "trainer": "zeroplan"}
+RUNNER_TRAINERS = ("zeroplan", "hf")
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,8 @@ class RunSpec:
     checkpoints only the first that many decoder layers, every vision layer still (None: all).
     `optimizer_group_elems` (ZeRO-1/2) hands AdamW its parameters in consecutive groups of at most
     that many elements, so DeepSpeed's step converts one group's gradients to fp32 at a time.
+    `trainer` "hf" runs the step through transformers.Trainer (TrainingArguments from the hf
+    stack's launch arguments) instead of zeroplan's own loop.
     """
 
     model: str = "tiny"
@@ -70,6 +73,7 @@ class RunSpec:
     vocab_multiple: int = 1
     ckpt_layers: int | None = None
     optimizer_group_elems: int = 0
+    trainer: str = "zeroplan"
 
     def __post_init__(self):
         object.__setattr__(self, "frozen", tuple(sorted(set(self.frozen))))
@@ -88,6 +92,8 @@ class RunSpec:
                 raise InvalidInput(f"{name} must be a whole number >= {low}, got {value!r}")
         if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not 0 < self.lr < 1:
             raise InvalidInput(f"lr must be a number between 0 and 1, got {self.lr!r}")
+        if self.trainer not in RUNNER_TRAINERS:
+            raise InvalidInput(f"trainer must be one of {', '.join(RUNNER_TRAINERS)}, got {self.trainer!r}")
         if self.kernels not in KERNELS:
             raise InvalidInput(f"kernels must be one of {', '.join(KERNELS)}, got {self.kernels!r}")
         if self.attn_implementation == "varlen" and not self.packed:
