@@ -200,3 +200,32 @@ def test_recommend_names_the_stack_first_and_validate_reports_each_mismatch(tmp_
     assert "Traceback" not in refused.stderr
     text = _zeroplan("recommend", "--model", "2b", "--gpus", "8", "--gpu", "h100-80gb", "--out", str(out))
     assert text.stdout.splitlines()[0].startswith("trainer: internvl")
+
+
+@pytest.mark.parametrize("argv", [
+    ["--model", "8b", "--gpus", "8"],  # InternVL's script: vision-only checkpointing (--grad_checkpoint False)
+    ["--model", "2b", "--gpus", "8", "--freeze", "vision", "--trainer", "hf"],
+    ["--model", "26b", "--gpus", "16", "--lora-rank", "16", "--freeze", "vision", "--freeze", "projector",
+     "--freeze", "llm"],
+    ["--model", "8b", "--gpus", "8", "--trainer", "zeroplan"],  # fused loss and compiled layers, from its RunSpec
+    ["--model", "2b", "--gpus", "4", "--trainer", "zeroplan", "--pad-vocab", "128"],
+])
+def test_validate_of_what_recommend_wrote_predicts_recommends_peak(argv, tmp_path, capsys):
+    """recommend's `trainer.check` line (the config it wrote, the arguments it printed) makes
+    validate predict the same peak: batch, accumulation and checkpointing come from the arguments
+    (or the zeroplan stack's RunSpec), not validate's defaults."""
+    import shlex
+
+    from zeroplan.cli.main import main
+
+    out = tmp_path / "ds.json"
+    assert main(["recommend", *argv, "--out", str(out), "--json"]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    check = shlex.split(payload["trainer"]["check"])
+    assert check[:3] == ["zeroplan", "validate", str(out)] and "--trainer-args" in check
+    assert main([*check[1:], "--json"]) == 0
+    validated = json.loads(capsys.readouterr().out)
+    recommended = payload["recommended"]
+    assert validated["breakdown_bytes"]["peak"] == recommended["predicted_peak_bytes"]
+    assert (validated["micro_batch"], validated["gradient_accumulation"], validated["stage"]) == (
+        recommended["micro_batch"], recommended["gradient_accumulation"], recommended["stage"])

@@ -9,14 +9,16 @@ import typer
 
 from zeroplan.cli import options as o
 
-def _render_config(profile, candidate, flavour: str, validator, stack, args: list[str]) -> tuple[dict, str]:
-    """The plan's config, validated by DeepSpeed and, for the HF stacks, checked against the
-    launch lines' arguments by transformers' own HfTrainerDeepSpeedConfig (in the child process)."""
+def _render_config(profile, candidate, flavour: str, validator, stack, args: list[str],
+                   check_trainer: bool) -> tuple[dict, str]:
+    """The plan's config, validated by DeepSpeed and, with `check_trainer` for the HF stacks,
+    checked against the launch lines' arguments by transformers' own HfTrainerDeepSpeedConfig (in
+    the child process; importing transformers there roughly doubles recommend's time)."""
     from zeroplan.core.dsconfig import render
 
     config = render(profile, candidate.shape, candidate.plan, candidate.shape.micro_batch,
                     candidate.gradient_accumulation, flavour=flavour)
-    trainer = None if stack.name == "zeroplan" else {"argv": args, "script_flags": sorted(stack.script_flags)}
+    trainer = None if stack.name == "zeroplan" or not check_trainer else {"argv": args, "script_flags": sorted(stack.script_flags)}
     _, note = validator.validate(config, candidate.plan.world_size, trainer=trainer)
     return config, note
 
@@ -134,6 +136,9 @@ def _print(payload: dict, result) -> None:
     console.print(f"DeepSpeed config written to [bold]{payload['config_path']}[/bold] ({payload['validation']})")
     for launcher, line in payload["launch"].items():
         console.print(f"[dim]{launcher}:[/dim] {line}", soft_wrap=True)
+    if trainer["name"] != "zeroplan" and "HfTrainerDeepSpeedConfig" not in payload["validation"]:
+        console.print("[dim]check the config with these arguments as the HF Trainer will (or add --check-trainer):"
+                      f"[/dim] {payload['trainer']['check']}", soft_wrap=True)
 
 
 def command(
@@ -151,6 +156,9 @@ def command(
     no_offload: Annotated[bool, typer.Option("--no-offload", help="Never offload to the CPU.")] = False,
     flavour: Annotated[Optional[str], typer.Option("--flavour", help="concrete or hf (HF Trainer 'auto' fields); default: the trainer's.")] = None,
     trainer: o.Trainer = "internvl",
+    check_trainer: Annotated[bool, typer.Option(
+        "--check-trainer", help="Also check the config with the printed arguments through transformers' "
+                                "HfTrainerDeepSpeedConfig now (slower; else the output names the validate line).")] = False,
     out: Annotated[Path, typer.Option("--out", help="Where to write the DeepSpeed config.")] = Path("ds_config.json"),
     plain: Annotated[bool, typer.Option("--plain", help="Plan the plain transformers loop: no torch.compile, no fused loss.")] = False,
     packed: Annotated[bool, typer.Option("--packed", help="Rows pack several samples (varlen attention, no attention across them).")] = False,
@@ -165,7 +173,8 @@ def command(
     from zeroplan.adapters.gpus import choose_gpu
     from zeroplan.core.planner import recommend
     from zeroplan.core.profiles import load_model
-    from zeroplan.core.trainers import check_stack_options, load_stack, run_spec, stack_launch_lines, trainer_args
+    from zeroplan.core.trainers import (check_stack_options, load_stack, run_spec, stack_launch_lines, trainer_args,
+                                        validate_command)
 
     from dataclasses import replace
 
@@ -196,7 +205,7 @@ def command(
             return 3
         best = result.best
         args = trainer_args(stack, profile, best.shape, best.plan, best.gradient_accumulation, str(out))
-        config, note = _render_config(profile, best, flavour, validator, stack, args)
+        config, note = _render_config(profile, best, flavour, validator, stack, args, check_trainer)
     finally:
         validator.close()
     spec_path = out.with_name(out.stem + ".run.json")
@@ -206,7 +215,9 @@ def command(
     payload = _payload(result, profile, chosen, config, out,
                        stack_launch_lines(stack, best.plan, args, str(out), str(spec_path)))
     payload["trainer"] = {"name": stack.name, "title": stack.title, "cwd": stack.cwd,
-                          "environment": stack.environment, "args": args}
+                          "environment": stack.environment, "args": args,
+                          "check": validate_command(stack, model, chosen.profile.name, best.shape, best.plan,
+                                                    str(out), args, str(spec_path))}
     payload["validation"] = note or "validated by DeepSpeed's config classes"
     payload["recipe"] = _recipe(given, profile, result.best, chosen.profile, pad_hint=stack.name == "zeroplan")
     if json_out:

@@ -16,7 +16,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from zeroplan.cli import options as o
-from zeroplan.core.errors import DoesNotFit, InvalidConfig
+from zeroplan.core.errors import DoesNotFit, InvalidConfig, InvalidInput
 
 MAX_CONFIG_BYTES = 1 << 20
 AutoMicroBatch = Annotated[Optional[int], typer.Option(
@@ -112,6 +112,23 @@ def _checkpointing(checked, text: str, trainer: str) -> tuple[bool, int | None]:
     return checked.gradient_checkpointing, None
 
 
+def _zeroplan_spec(text: str):
+    """The RunSpec that zeroplan's runner line names (--spec FILE): the zeroplan stack's plan
+    (kernels, compiled layers, checkpointed layers) is there, not in trainer arguments."""
+    from zeroplan.core.run import RunSpec
+    from zeroplan.core.trainers import script_arguments
+
+    argv = script_arguments(text)
+    if "--spec" not in argv or argv.index("--spec") + 1 >= len(argv):
+        raise InvalidInput("--trainer zeroplan: --trainer-args must name the run's spec (--spec RUN.json), "
+                           "as recommend's zeroplan launch lines do")
+    path = Path(argv[argv.index("--spec") + 1])
+    try:
+        return RunSpec.from_json(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise InvalidInput(f"--trainer-args: cannot read the spec {path}: {error.strerror}") from None
+
+
 def command(
     config_path: Annotated[Path, typer.Argument(metavar="CONFIG.json", help="The DeepSpeed config to check.")],
     model: o.Model,
@@ -139,7 +156,7 @@ def command(
     from zeroplan.adapters.gpus import choose_gpu
     from zeroplan.core.memory import estimate
     from zeroplan.core.plan import cluster
-    from zeroplan.core.profiles import load_gpu, load_model
+    from zeroplan.core.profiles import load_gpu, load_model, pad_vocab
 
     per_node, node_count = cluster(gpus, nodes, gpus_per_node)
     profile = load_model(model)
@@ -148,14 +165,22 @@ def command(
     ckpt_layers = None
     config = read_config(config_path)
     autos = validate_config(config, per_node * node_count)
-    if trainer_args is not None:
+    spec = None
+    if trainer_args is not None and trainer == "zeroplan":
+        spec = _zeroplan_spec(trainer_args)
+        micro_batch, grad_accum = spec.micro_batch, spec.gradient_accumulation
+    elif trainer_args is not None:
         checked = _check_trainer(config, trainer_args, trainer, per_node * node_count)
         micro_batch, grad_accum = checked.micro_batch, checked.gradient_accumulation
         grad_ckpt, ckpt_layers = _checkpointing(checked, trainer_args, trainer)
     plan, micro, accum = plan_from_config(config, per_node, node_count, hidden_size=profile.llm.hidden_size,
                                           micro_batch=micro_batch, gradient_accumulation=grad_accum)
     shape = o.build_shape(micro, seq_len, tiles, grad_ckpt, freeze, lora_rank, profile)
-    if trainer_args is not None:
+    if spec is not None:  # the runner's recipe: fused loss, compiled layers, checkpointed layers, packing
+        shape = spec.shape()
+        plan = replace(plan, optimizer_group_elems=spec.optimizer_group_elems)
+        profile = pad_vocab(profile, spec.vocab_multiple)
+    elif trainer_args is not None:
         shape = replace(shape, ckpt_layers=ckpt_layers)
     chosen = choose_gpu(gpu)
     memory = estimate(profile, shape, plan, chosen.profile, gradient_accumulation=accum)

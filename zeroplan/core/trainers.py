@@ -247,3 +247,20 @@ def script_arguments(text: str) -> list[str]:
         if part in ("-m", "--module") and index + 1 < len(parts) and index > 0:
             return parts[index + 2:]
     return parts
+
+
+def validate_command(stack: TrainerStack, model: str, gpu: str, shape: TrainShape, plan: Plan, config_path: str,
+                     args: list[str], spec_path: str = "run.json") -> str:
+    """The `zeroplan validate` line that checks the written config with the printed arguments
+    through transformers' HfTrainerDeepSpeedConfig (what the Trainer runs at start-up) and
+    predicts the plan's memory again from them (for the zeroplan stack, from the RunSpec its
+    runner line names)."""
+    parts = ["zeroplan", "validate", config_path, "--model", model, "--gpu", gpu,
+             "--nodes", str(plan.nodes), "--gpus-per-node", str(plan.gpus_per_node),
+             "--seq-len", str(shape.seq_len), "--tiles", str(shape.tiles)]
+    for tower in sorted(shape.frozen):
+        parts += ["--freeze", tower]
+    if shape.lora_rank:
+        parts += ["--lora-rank", str(shape.lora_rank)]
+    parts += ["--trainer", stack.name, "--trainer-args", " ".join(args) if args else f"--spec {spec_path}"]
+    return shlex.join(parts)
