@@ -183,7 +183,13 @@ def test_recommend_names_the_stack_first_and_validate_reports_each_mismatch(tmp_
     assert done.returncode == 0, done.stderr
     payload = json.loads(done.stdout)
     assert payload["trainer"]["name"] == "internvl"
-    assert "HfTrainerDeepSpeedConfig" in payload["validation"]
+    # By default transformers is not imported: the output names the validate line instead.
+    assert "HfTrainerDeepSpeedConfig" not in payload["validation"]
+    assert payload["trainer"]["check"].startswith(f"zeroplan validate {out} --model 2b")
+    checked = _zeroplan("recommend", "--model", "2b", "--gpus", "8", "--gpu", "h100-80gb", "--out", str(out),
+                        "--json", "--check-trainer")
+    assert checked.returncode == 0, checked.stderr
+    assert "HfTrainerDeepSpeedConfig" in json.loads(checked.stdout)["validation"]
     line = payload["launch"]["torchrun"]
     ok = _zeroplan("validate", str(out), "--model", "2b", "--gpus", "8", "--trainer-args", line)
     assert ok.returncode == 0, ok.stderr

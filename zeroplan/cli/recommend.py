@@ -19,7 +19,10 @@ def _render_config(profile, candidate, flavour: str, validator, stack, args: lis
     config = render(profile, candidate.shape, candidate.plan, candidate.shape.micro_batch,
                     candidate.gradient_accumulation, flavour=flavour)
     trainer = None if stack.name == "zeroplan" or not check_trainer else {"argv": args, "script_flags": sorted(stack.script_flags)}
-    _, note = validator.validate(config, candidate.plan.world_size, trainer=trainer)
+    if trainer is None:
+        _, note = validator.validate(config, candidate.plan.world_size)
+    else:
+        _, note = validator.validate(config, candidate.plan.world_size, trainer=trainer)
     return config, note
 
 
