@@ -189,4 +189,4 @@ def test_nothing_in_zeroplan_executes_what_a_user_passes():
     hits = [f"{path}:{number}" for path in (ROOT / "zeroplan").rglob("*.py")
             for number, line in enumerate(path.read_text().splitlines(), 1) if pattern.search(line)]
     assert hits == []
-    assert os.path.isfile(ROOT / "zeroplan" / "profiles.py")
+    assert os.path.isfile(ROOT / "zeroplan" / "core" / "profiles.py")
