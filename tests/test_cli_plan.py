@@ -45,7 +45,9 @@ def test_estimate_table_names_the_default_profile(capsys):
 
 def test_recommend_writes_a_config_and_json(capsys, tmp_path):
     target = tmp_path / "ds.json"
-    code, out, _ = run(capsys, "recommend", "--model", "8b", "--gpus", "8", "--out", str(target), "--json")
+    # The bundled runner's stack: its fast recipe (fused loss) fits ZeRO-1, its config is concrete.
+    code, out, _ = run(capsys, "recommend", "--model", "8b", "--gpus", "8", "--out", str(target), "--json",
+                       "--trainer", "zeroplan")
     assert code == 0
     payload = json.loads(out)
     rec = payload["recommended"]

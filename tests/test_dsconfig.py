@@ -188,31 +188,48 @@ def test_validation_uses_the_world_size():
         validate_config({**partial, "train_batch_size": 12}, 8)
 
 
-def test_fill_auto_matches_the_hf_trainer():
-    """transformers' own HfTrainerDeepSpeedConfig fills the same values as hf_auto_values."""
+@pytest.mark.parametrize("hidden_size", [8, 64, 896, 2048, 3584, 4096, 5120, 6144, 7168, 8192])
+@pytest.mark.parametrize("stage", [2, 3])
+def test_the_readers_bucket_rule_is_transformers(hidden_size, stage):
+    """config_reader's one kept rule (the hidden-size buckets) gives what transformers'
+    HfTrainerDeepSpeedConfig fills, at every hidden size of the bundled models and a few more."""
     deepspeed_integration = pytest.importorskip("transformers.integrations.deepspeed")
-    config = dsconfig.config_set("hf")["zero_stage3_config.json"]
-    config["zero_optimization"]["reduce_bucket_size"] = "auto"
-    config["zero_optimization"]["stage3_param_persistence_threshold"] = "auto"
-    args = SimpleNamespace(world_size=16, per_device_train_batch_size=2, gradient_accumulation_steps=4,
-                           max_grad_norm=0.5, learning_rate=3e-5, adam_beta1=0.9, adam_beta2=0.999,
-                           adam_epsilon=1e-8, weight_decay=0.1, save_on_each_node=False, fp16=False,
+    config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {
+        "stage": stage, "reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": "auto",
+        "stage3_param_persistence_threshold": "auto"}}
+    args = SimpleNamespace(world_size=1, per_device_train_batch_size=1, gradient_accumulation_steps=1,
+                           max_grad_norm=1.0, learning_rate=2e-5, adam_beta1=0.9, adam_beta2=0.999,
+                           adam_epsilon=1e-8, weight_decay=0.0, save_on_each_node=False, fp16=False,
                            fp16_full_eval=False, bf16=True, bf16_full_eval=False, get_warmup_steps=lambda n: 0)
     hf = deepspeed_integration.HfTrainerDeepSpeedConfig(json.loads(json.dumps(config)))
-    hf.trainer_config_process(args)
-    model = SimpleNamespace(config=SimpleNamespace(hidden_size=6144))
-    hf.trainer_config_finalize(args, model, num_training_steps=10)
-    ours = dsconfig.fill_auto(config, dsconfig.hf_auto_values(
-        micro_batch=2, gradient_accumulation=4, world_size=16, hidden_size=6144, gradient_clipping=0.5, lr=3e-5,
-        weight_decay=0.1))
-    assert ours == hf.config
-    assert dsconfig.auto_fields(ours) == []
+    try:
+        hf.trainer_config_process(args)
+        hf.trainer_config_finalize(args, SimpleNamespace(config=SimpleNamespace(hidden_size=hidden_size)), 10)
+    finally:
+        deepspeed_integration.unset_hf_deepspeed_config()
+    zero = hf.config["zero_optimization"]
+    rule = config_reader.hf_bucket_autos(hidden_size)
+    filled = {f"zero_optimization.{key}": value for key, value in zero.items() if key != "stage"}
+    if stage == 3:
+        assert filled == rule
+    else:  # transformers fills the stage-3 keys only under ZeRO-3
+        assert filled["zero_optimization.reduce_bucket_size"] == rule["zero_optimization.reduce_bucket_size"]
+    plan, _, _ = config_reader.plan_from_config(config, 1, 1, hidden_size=hidden_size)
+    assert plan.reduce_bucket_elems == zero["reduce_bucket_size"]
 
 
-def test_fill_auto_refuses_what_the_trainer_does_not_fill():
+def test_the_adapter_fills_auto_with_transformers_and_refuses_what_it_does_not_fill():
+    pytest.importorskip("transformers")
+    from zeroplan.adapters.deepspeed_adapter import fill_auto_as_trainer
+
+    config = dsconfig.config_set("hf")["zero_stage3_config.json"]
+    assert dsconfig.auto_fields(config)
+    filled = fill_auto_as_trainer(config, 16)
+    assert dsconfig.auto_fields(filled) == []
+    assert filled["train_batch_size"] == 16 * filled["train_micro_batch_size_per_gpu"] * \
+        filled["gradient_accumulation_steps"]
     with pytest.raises(InvalidConfig, match="steps_per_print"):
-        dsconfig.fill_auto({"steps_per_print": "auto"}, dsconfig.hf_auto_values(
-            micro_batch=1, gradient_accumulation=1, world_size=1, hidden_size=8))
+        fill_auto_as_trainer({"steps_per_print": "auto"})
 
 
 def test_plan_from_config_defaults_autos_and_batch_checks():

@@ -11,10 +11,12 @@ import importlib
 import io
 import json
 import logging
+import os
 import sys
+from types import SimpleNamespace
 from typing import Any
 
-from zeroplan.core.dsconfig import auto_fields, fill_auto, hf_auto_values
+from zeroplan.core.dsconfig import ADAM_BETAS, ADAM_EPS, auto_fields
 from zeroplan.core.errors import InvalidConfig, MissingDependency
 from zeroplan.core.params import count_parameters, lora_tensors
 from zeroplan.core.plan import Plan, TrainShape
@@ -114,22 +116,70 @@ def _given_or_one(config: dict[str, Any], key: str) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 1
 
 
+def _trainer_arguments(config: dict[str, Any], world_size: int) -> SimpleNamespace:
+    """The TrainingArguments fields HfTrainerDeepSpeedConfig reads, taken from the config's own
+    concrete values where it has them (so nothing it states is contradicted) and transformers'
+    defaults elsewhere: placeholders for DeepSpeed's schema check, not the user's arguments."""
+    optimizer = (config.get("optimizer") or {}).get("params") or {}
+
+    def number(value, default):
+        return value if isinstance(value, (int, float)) and not isinstance(value, bool) else default
+
+    betas = optimizer.get("betas")
+    betas = betas if isinstance(betas, list) and len(betas) == 2 else list(ADAM_BETAS)
+    bf16 = (config.get("bf16") or {}).get("enabled", "auto")
+    return SimpleNamespace(
+        world_size=world_size, per_device_train_batch_size=_given_or_one(config, "train_micro_batch_size_per_gpu"),
+        gradient_accumulation_steps=_given_or_one(config, "gradient_accumulation_steps"),
+        max_grad_norm=number(config.get("gradient_clipping"), 1.0), learning_rate=number(optimizer.get("lr"), 2e-5),
+        adam_beta1=number(betas[0], ADAM_BETAS[0]), adam_beta2=number(betas[1], ADAM_BETAS[1]),
+        adam_epsilon=number(optimizer.get("eps"), ADAM_EPS), weight_decay=number(optimizer.get("weight_decay"), 0.0),
+        save_on_each_node=False, fp16=False, fp16_full_eval=False, bf16=bf16 is not False, bf16_full_eval=False,
+        get_warmup_steps=lambda steps: 0)
+
+
+def fill_auto_as_trainer(config: dict[str, Any], world_size: int = 1) -> dict[str, Any]:
+    """A copy of the config with its "auto" values filled by transformers' own
+    HfTrainerDeepSpeedConfig (trainer_config_process, then trainer_config_finalize with a
+    placeholder hidden size), the way the HF Trainer fills them; an "auto" it does not fill raises
+    InvalidConfig, as DeepSpeed would fail on it under the Trainer too."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    try:
+        from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig, unset_hf_deepspeed_config
+    except ImportError as error:
+        raise MissingDependency(f"transformers is needed to fill \"auto\" values ({error})") from None
+    args = _trainer_arguments(config, world_size)
+    hf = HfTrainerDeepSpeedConfig(json.loads(json.dumps(config)))
+    try:
+        hf.trainer_config_process(args)
+        # Placeholders may disagree with a concrete value (train_batch_size at another world
+        # size): DeepSpeed's own batch check below decides that, not the placeholder arguments.
+        hf.mismatches = []
+        model = SimpleNamespace(config=SimpleNamespace(hidden_size=_PLACEHOLDER_HIDDEN_SIZE))
+        hf.trainer_config_finalize(args, model, num_training_steps=1)
+    finally:
+        unset_hf_deepspeed_config()
+    filled = hf.config
+    left = auto_fields(filled)
+    if left:
+        raise InvalidConfig(f"'{left[0]}' is \"auto\" but the HF Trainer does not fill it; give a value")
+    return filled
+
+
 def validate_config(config: dict, world_size: int | None = None) -> list[str]:
     """Run DeepSpeed's own DeepSpeedConfig (its pydantic sections and batch checks) on the config,
     without initializing torch.distributed, and return the "auto" field paths.
 
-    "auto" values are handled like the HF integration: each path the HF Trainer fills gets a
-    placeholder of the right kind before DeepSpeed sees it; an "auto" the Trainer does not fill
-    is rejected. Raises InvalidConfig with one line when DeepSpeed rejects the config."""
+    "auto" values are filled by transformers' HfTrainerDeepSpeedConfig (fill_auto_as_trainer) from
+    placeholder arguments before DeepSpeed sees them; an "auto" the Trainer does not fill is
+    rejected. Raises InvalidConfig with one line when DeepSpeed rejects the config."""
     if not isinstance(config, dict):
         raise InvalidConfig("a DeepSpeed config must be a JSON object")
     if world_size is not None and (isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1):
         raise InvalidConfig(f"world size must be a positive whole number, got {world_size!r}")
     autos = auto_fields(config)
-    placeholders = hf_auto_values(micro_batch=_given_or_one(config, "train_micro_batch_size_per_gpu"),
-                                  gradient_accumulation=_given_or_one(config, "gradient_accumulation_steps"),
-                                  world_size=world_size or 1, hidden_size=_PLACEHOLDER_HIDDEN_SIZE)
-    filled = _per_rank_batch(fill_auto(config, placeholders), world_size)
+    # transformers is imported only for a config with "auto" values (a concrete one needs none).
+    filled = _per_rank_batch(fill_auto_as_trainer(config, world_size or 1) if autos else config, world_size)
     deepspeed_config = _deepspeed_config_class()
     # DeepSpeedConfigError derives from Exception, not ValueError: sections DeepSpeed removed
     # (elasticity, sparse_attention, ...) and some field checks raise it.

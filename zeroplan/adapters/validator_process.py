@@ -43,12 +43,17 @@ class BackgroundValidator:
             [sys.executable, "-m", "zeroplan.adapters.validator_process"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
 
-    def validate(self, config: dict, world_size: int | None, timeout_s: float = 120) -> tuple[list[str], str]:
+    def validate(self, config: dict, world_size: int | None, timeout_s: float = 120,
+                 trainer: dict | None = None) -> tuple[list[str], str]:
         """(auto field names, note). Raises InvalidConfig when DeepSpeed rejects the config; the note
-        says when DeepSpeed could not be asked (not installed), so the caller can say so."""
+        says when DeepSpeed could not be asked (not installed), so the caller can say so.
+
+        With `trainer` ({"argv": [...], "script_flags": [...]}) the child also runs the HF
+        Trainer's own check on the config and those arguments at `world_size`
+        (zeroplan.adapters.hf_trainer.check); a mismatch raises InvalidConfig, one line each."""
         try:
-            out, _ = self._process.communicate(json.dumps({"config": config, "world_size": world_size}),
-                                               timeout=timeout_s)
+            out, _ = self._process.communicate(
+                json.dumps({"config": config, "world_size": world_size, "trainer": trainer}), timeout=timeout_s)
         except subprocess.TimeoutExpired:
             self.close()
             return [], "DeepSpeed validation timed out; the config was not validated"
@@ -65,6 +70,26 @@ class BackgroundValidator:
         if self._process.poll() is None:
             self._process.kill()
             self._process.wait()
+
+
+def _trainer_check(request: dict) -> str:
+    """The HF Trainer's check of the config against the trainer's arguments, or what stopped it."""
+    from zeroplan.adapters import hf_trainer
+    from zeroplan.core.errors import InvalidInput, MissingDependency
+
+    trainer = request["trainer"]
+    try:
+        result = hf_trainer.check(request["config"], trainer["argv"], request["world_size"] or 1,
+                                  frozenset(trainer.get("script_flags", ())))
+    except MissingDependency as error:
+        return f"validated by DeepSpeed's config classes; trainer arguments not checked: {error}"
+    except InvalidInput as error:
+        raise InvalidConfig(str(error)) from None
+    if result.mismatches:
+        raise InvalidConfig("the HF Trainer would refuse the config: " + "; ".join(result.mismatches))
+    return ("validated by DeepSpeed's config classes and, with the launch lines' arguments, by transformers' "
+            "HfTrainerDeepSpeedConfig (no mismatch, no \"auto\" left)" if not result.auto_left else
+            f"HF Trainer leaves {', '.join(result.auto_left)} as \"auto\"")
 
 
 def _serve() -> None:
@@ -88,6 +113,8 @@ def _serve() -> None:
         try:
             auto = deepspeed_adapter.validate_config(request["config"], request["world_size"])
             answer = {"auto": auto, "note": ""}
+            if request.get("trainer"):
+                answer["note"] = _trainer_check(request)
         except InvalidConfig as error:
             answer = {"error": str(error)}
     sys.stdout.write("\n" + json.dumps(answer) + "\n")

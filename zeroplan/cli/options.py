@@ -26,6 +26,9 @@ HostMemoryGib = Annotated[Optional[float], typer.Option(
                               "typical node).")]
 Headroom = Annotated[float, typer.Option(
     "--headroom", help="Fraction of GPU memory kept free; a plan fits when its peak leaves it (default 0.05).")]
+Trainer = Annotated[str, typer.Option(
+    "--trainer", help="The training stack the plan is for: internvl (InternVL's internvl_chat_finetune.py), "
+                      "hf (an HF Trainer script on transformers' InternVL class) or zeroplan (the bundled runner).")]
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")]
 
 

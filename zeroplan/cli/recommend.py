@@ -3,29 +3,26 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
 from zeroplan.cli import options as o
 
-ENTRY = "internvl/train/internvl_chat_finetune.py"
-
-
-def _launch_lines(plan, config_path: str) -> dict[str, str]:
-    try:
-        from zeroplan.core.launch import launch_lines
-    except ImportError:
-        return {}
-    return launch_lines(plan, ENTRY, config_path)
-
-
-def _render_config(profile, candidate, flavour: str, validator) -> tuple[dict, str]:
+def _render_config(profile, candidate, flavour: str, validator, stack, args: list[str],
+                   check_trainer: bool) -> tuple[dict, str]:
+    """The plan's config, validated by DeepSpeed and, with `check_trainer` for the HF stacks,
+    checked against the launch lines' arguments by transformers' own HfTrainerDeepSpeedConfig (in
+    the child process; importing transformers there roughly doubles recommend's time)."""
     from zeroplan.core.dsconfig import render
 
     config = render(profile, candidate.shape, candidate.plan, candidate.shape.micro_batch,
                     candidate.gradient_accumulation, flavour=flavour)
-    _, note = validator.validate(config, candidate.plan.world_size)
+    trainer = None if stack.name == "zeroplan" or not check_trainer else {"argv": args, "script_flags": sorted(stack.script_flags)}
+    if trainer is None:
+        _, note = validator.validate(config, candidate.plan.world_size)
+    else:
+        _, note = validator.validate(config, candidate.plan.world_size, trainer=trainer)
     return config, note
 
 
@@ -48,7 +45,7 @@ def _payload(result, profile, chosen, config, out_path, launches) -> dict:
     }
 
 
-def _recipe(given, profile, best, gpu) -> list[str]:
+def _recipe(given, profile, best, gpu, pad_hint: bool = True) -> list[str]:
     """How to train so the prediction holds: the speed settings the recommended plan assumes, and
     what padding a misaligned vocabulary would gain (predicted)."""
     from dataclasses import replace
@@ -59,7 +56,10 @@ def _recipe(given, profile, best, gpu) -> list[str]:
     shape = best.shape
     lines = []
     layers = profile.llm.num_layers
-    if shape.grad_ckpt and shape.llm_ckpt_layers(layers) < layers:
+    if shape.grad_ckpt and shape.llm_ckpt_layers(layers) == 0:
+        lines.append("checkpoint the vision encoder's layers only (InternVL's script always does; "
+                     "--grad_checkpoint False leaves the LLM's decoder layers whole)")
+    elif shape.grad_ckpt and shape.llm_ckpt_layers(layers) < layers:
         lines.append(f"checkpoint every vision layer and only the first {shape.llm_ckpt_layers(layers)} of the "
                      f"{layers} LLM decoder layers (set gradient_checkpointing = False on layers "
                      f"{shape.llm_ckpt_layers(layers)}-{layers - 1} after gradient_checkpointing_enable)")
@@ -79,7 +79,7 @@ def _recipe(given, profile, best, gpu) -> list[str]:
         lines.append("packed rows with varlen attention (torch.nn.attention.varlen; samples do not attend across)")
     if profile.llm.vocab_size != given.llm.vocab_size:
         lines.append(f"vocabulary padded from {given.llm.vocab_size:,} to {profile.llm.vocab_size:,} rows")
-    elif profile.llm.vocab_size % ALIGNED_VOCAB_MULTIPLE:
+    elif pad_hint and profile.llm.vocab_size % ALIGNED_VOCAB_MULTIPLE:
         faster = step_time(pad_vocab(profile, 128), replace(shape), best.plan, gpu, best.gradient_accumulation)
         gain = best.time.step_s / faster.step_s - 1
         lines.append(f"the vocabulary ({profile.llm.vocab_size:,}) is not a multiple of {ALIGNED_VOCAB_MULTIPLE}: "
@@ -91,6 +91,8 @@ def _ckpt(summary: dict) -> str:
     """on, off, or the number of decoder layers checkpointed."""
     if not summary["grad_ckpt"]:
         return "off"
+    if summary.get("ckpt_layers") == 0:
+        return "vision"
     return "on" if summary.get("ckpt_layers") is None else f"{summary['ckpt_layers']} lay."
 
 
@@ -101,8 +103,7 @@ def runners_table(alternatives: list[dict]):
     from rich.table import Table
 
     runners = Table(title="runners-up (best 12)", box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1),
-                    caption="mb×acc: micro-batch × accumulation; offload: - none, opt optimizer, "
-                            "opt+par optimizer and parameters (CPU); peak: GiB per GPU")
+                    caption="mb×acc: micro-batch×accumulation; opt, par: offloaded; peak: GiB/GPU")
     for column in ("ZeRO", "mb×acc", "ckpt", "loss", "offload", "peak", "tok/s"):
         runners.add_column(column, no_wrap=True, justify="right" if column in ("peak", "tok/s") else "left")
     runners.add_column("why not", ratio=1, min_width=20)
@@ -127,6 +128,9 @@ def _print(payload: dict, result, console=None) -> None:
 
     console = console or Console()
     best = payload["recommended"]
+    trainer = payload["trainer"]
+    console.print(f"[bold]trainer: {trainer['name']}[/bold] — {trainer['title']}"
+                  + (f" (run from {trainer['cwd']}/)" if trainer["cwd"] else ""))
     console.print(f"[dim]{payload['gpu_origin']}[/dim]")
     console.print(
         f"[bold]{payload['model']} on {payload['world_size']} × {payload['gpu']}[/bold] "
@@ -157,6 +161,9 @@ def _print(payload: dict, result, console=None) -> None:
     console.print(f"DeepSpeed config written to [bold]{payload['config_path']}[/bold] ({payload['validation']})")
     for launcher, line in payload["launch"].items():
         console.print(f"[dim]{launcher}:[/dim] {line}", soft_wrap=True)
+    if trainer["name"] != "zeroplan" and "HfTrainerDeepSpeedConfig" not in payload["validation"]:
+        console.print("[dim]check the config with these arguments as the HF Trainer will (or add --check-trainer):"
+                      f"[/dim] {payload['trainer']['check']}", soft_wrap=True)
 
 
 def _nothing_fits(error, hints, host, json_out: bool) -> None:
@@ -189,7 +196,11 @@ def command(
     lora_rank: o.LoraRank = 0,
     headroom: o.Headroom = 0.05,
     no_offload: Annotated[bool, typer.Option("--no-offload", help="Never offload to the CPU.")] = False,
-    flavour: Annotated[str, typer.Option("--flavour", help="concrete or hf (HF Trainer 'auto' fields).")] = "concrete",
+    flavour: Annotated[Optional[str], typer.Option("--flavour", help="concrete or hf (HF Trainer 'auto' fields); default: the trainer's.")] = None,
+    trainer: o.Trainer = "internvl",
+    check_trainer: Annotated[bool, typer.Option(
+        "--check-trainer", help="Also check the config with the printed arguments through transformers' "
+                                "HfTrainerDeepSpeedConfig now (slower; else the output names the validate line).")] = False,
     out: Annotated[Path, typer.Option("--out", help="Where to write the DeepSpeed config.")] = Path("ds_config.json"),
     plain: Annotated[bool, typer.Option("--plain", help="Plan the plain transformers loop: no torch.compile, no fused loss.")] = False,
     packed: Annotated[bool, typer.Option("--packed", help="Rows pack several samples (varlen attention, no attention across them).")] = False,
@@ -207,12 +218,16 @@ def command(
     from zeroplan.adapters.hostmem import node_host_memory
     from zeroplan.core.hints import Request, verified_hints
     from zeroplan.core.profiles import load_model
+    from zeroplan.core.trainers import (check_stack_options, load_stack, run_spec, stack_launch_lines, trainer_args,
+                                        validate_command)
 
     from dataclasses import replace
 
     from zeroplan.core.profiles import pad_vocab as padded
 
     check_replaceable(out, force)
+    if trainer == "zeroplan":  # the bundled runner's run file is written beside the config
+        check_replaceable(out.with_name(out.stem + ".run.json"), force)
     if isinstance(pad_vocab, bool) or not 1 <= pad_vocab <= 4096:
         raise InvalidInput(f"--pad-vocab must be a whole number from 1 to 4096, got {pad_vocab}")
     given = load_model(model)
@@ -220,25 +235,38 @@ def command(
     shape = replace(o.build_shape(1, seq_len, tiles, True, freeze, lora_rank, profile), packed=packed)
     base = o.build_plan(0, gpus, nodes, gpus_per_node)
     o.check_fraction("--headroom", headroom)
+    stack = load_stack(trainer)
+    check_stack_options(stack, packed=packed, pad_vocab=pad_vocab)
+    flavour = flavour or stack.config_flavour
     if flavour not in ("concrete", "hf"):
         raise InvalidInput(f"--flavour must be concrete or hf, got {flavour!r}")
     validator = take()
     try:
         chosen = choose_gpu(gpu)
         request = Request(profile, shape, base, chosen.profile, global_batch, headroom, not no_offload, not plain,
-                          node_host_memory(host_memory_gib, chosen))
+                          node_host_memory(host_memory_gib, chosen), stack)
         try:
             result = request.plan()
         except DoesNotFit as error:
             _nothing_fits(error, verified_hints(request), request.host, json_out)
             return 3
-        config, note = _render_config(profile, result.best, flavour, validator)
+        best = result.best
+        args = trainer_args(stack, profile, best.shape, best.plan, best.gradient_accumulation, str(out))
+        config, note = _render_config(profile, best, flavour, validator, stack, args, check_trainer)
     finally:
         validator.close()
+    spec_path = out.with_name(out.stem + ".run.json")
     write_atomic(out, to_json(config))
-    payload = _payload(result, profile, chosen, config, out, _launch_lines(result.best.plan, str(out)))
+    if stack.name == "zeroplan":
+        write_atomic(spec_path, run_spec(model, best, pad_vocab).to_json() + "\n")
+    payload = _payload(result, profile, chosen, config, out,
+                       stack_launch_lines(stack, best.plan, args, str(out), str(spec_path)))
+    payload["trainer"] = {"name": stack.name, "title": stack.title, "cwd": stack.cwd,
+                          "environment": stack.environment, "args": args,
+                          "check": validate_command(stack, model, chosen.profile.name, best.shape, best.plan,
+                                                    str(out), args, str(spec_path))}
     payload["validation"] = note or "validated by DeepSpeed's config classes"
-    payload["recipe"] = _recipe(given, profile, result.best, chosen.profile)
+    payload["recipe"] = _recipe(given, profile, result.best, chosen.profile, pad_hint=stack.name == "zeroplan")
     if json_out:
         o.print_json(payload)
     else:

@@ -9,6 +9,7 @@ with the margin left on the GPU. Exit status 0 when it fits, 3 when it does not,
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -17,7 +18,7 @@ import typer
 from zeroplan.cli import options as o
 from zeroplan.core.bounded import read_text_bounded
 from zeroplan.core.ds_keys import DEEPSPEED_VERSION, unknown_top_level_keys
-from zeroplan.core.errors import DoesNotFit, InvalidConfig, ZeroplanError
+from zeroplan.core.errors import DoesNotFit, InvalidConfig, InvalidInput, ZeroplanError
 
 MAX_CONFIG_BYTES = 1 << 20
 AutoMicroBatch = Annotated[Optional[int], typer.Option(
@@ -71,6 +72,54 @@ def _print_report(path: Path, autos: list[str], payload: dict[str, Any]) -> None
                f"{abs(payload['margin_percent'])} % of the GPU)")
 
 
+def _check_trainer(config: dict, text: str, trainer: str, world_size: int):
+    """HfTrainerDeepSpeedConfig on the config and the arguments; each mismatch the Trainer would
+    refuse is one line on stderr, then InvalidConfig (exit 2)."""
+    from zeroplan.adapters.hf_trainer import check
+    from zeroplan.core.trainers import load_stack, script_arguments
+
+    stack = load_stack(trainer)
+    checked = check(config, script_arguments(text), world_size, stack.script_flags)
+    for line in checked.mismatches:
+        typer.echo(f"zeroplan: HF Trainer mismatch: {line}", err=True)
+    if checked.mismatches:
+        raise InvalidConfig(f"the HF Trainer would refuse to train with this config and these arguments "
+                            f"({len(checked.mismatches)} mismatch(es) above); set those values to \"auto\" or make "
+                            f"them agree")
+    return checked
+
+
+def _checkpointing(checked, text: str, trainer: str) -> tuple[bool, int | None]:
+    """(grad_ckpt, ckpt_layers) the arguments set: InternVL's --grad_checkpoint (default True)
+    checkpoints the LLM's layers, its vision encoder always (0 LLM layers when off); elsewhere
+    TrainingArguments' gradient_checkpointing, every layer or none."""
+    from zeroplan.core.trainers import script_arguments
+
+    argv = script_arguments(text)
+    if trainer == "internvl":
+        at = argv.index("--grad_checkpoint") if "--grad_checkpoint" in argv else -1
+        llm = at < 0 or at + 1 >= len(argv) or argv[at + 1].lower() not in ("false", "0", "no")
+        return True, None if llm else 0
+    return checked.gradient_checkpointing, None
+
+
+def _zeroplan_spec(text: str):
+    """The RunSpec that zeroplan's runner line names (--spec FILE): the zeroplan stack's plan
+    (kernels, compiled layers, checkpointed layers) is there, not in trainer arguments."""
+    from zeroplan.core.run import RunSpec
+    from zeroplan.core.trainers import script_arguments
+
+    argv = script_arguments(text)
+    if "--spec" not in argv or argv.index("--spec") + 1 >= len(argv):
+        raise InvalidInput("--trainer zeroplan: --trainer-args must name the run's spec (--spec RUN.json), "
+                           "as recommend's zeroplan launch lines do")
+    path = Path(argv[argv.index("--spec") + 1])
+    try:
+        return RunSpec.from_json(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise InvalidInput(f"--trainer-args: cannot read the spec {path}: {error.strerror}") from None
+
+
 def command(
     config_path: Annotated[Path, typer.Argument(metavar="CONFIG.json", help="The DeepSpeed config to check.")],
     model: o.Model,
@@ -86,6 +135,10 @@ def command(
     micro_batch: AutoMicroBatch = None,
     grad_accum: AutoAccumulation = None,
     headroom: o.Headroom = 0.05,
+    trainer_args: Annotated[Optional[str], typer.Option(
+        "--trainer-args", help="The training script's arguments, or a whole launch line: checked with the config "
+                               "by transformers' HfTrainerDeepSpeedConfig, as the HF Trainer will.")] = None,
+    trainer: o.Trainer = "internvl",
     json_out: o.Json = False,
 ):
     """Check a DeepSpeed config with DeepSpeed's own schema and predict whether it fits a model and cluster."""
@@ -97,17 +150,26 @@ def command(
     from zeroplan.adapters.gpus import choose_gpu
     from zeroplan.core.memory import estimate
     from zeroplan.core.plan import cluster
-    from zeroplan.core.profiles import load_gpu, load_model
+    from zeroplan.core.profiles import load_gpu, load_model, pad_vocab
 
     per_node, node_count = cluster(gpus, nodes, gpus_per_node)
     profile = load_model(model)
     if gpu is not None:
         load_gpu(gpu)
     o.check_fraction("--headroom", headroom)
+    ckpt_layers = None
     config = read_config(config_path)
     unknown = unknown_top_level_keys(config)
     try:
         autos = validate_config(config, per_node * node_count)
+        spec = None
+        if trainer_args is not None and trainer == "zeroplan":
+            spec = _zeroplan_spec(trainer_args)
+            micro_batch, grad_accum = spec.micro_batch, spec.gradient_accumulation
+        elif trainer_args is not None:
+            checked = _check_trainer(config, trainer_args, trainer, per_node * node_count)
+            micro_batch, grad_accum = checked.micro_batch, checked.gradient_accumulation
+            grad_ckpt, ckpt_layers = _checkpointing(checked, trainer_args, trainer)
         plan, micro, accum = plan_from_config(config, per_node, node_count, hidden_size=profile.llm.hidden_size,
                                               micro_batch=micro_batch, gradient_accumulation=grad_accum)
     except ZeroplanError as error:
@@ -116,6 +178,12 @@ def command(
         raise type(error)(f"{error}; the config also has top-level keys DeepSpeed ignores: "
                           f"{', '.join(unknown)}") from None
     shape = o.build_shape(micro, seq_len, tiles, grad_ckpt, freeze, lora_rank, profile)
+    if spec is not None:  # the runner's recipe: fused loss, compiled layers, checkpointed layers, packing
+        shape = spec.shape()
+        plan = replace(plan, optimizer_group_elems=spec.optimizer_group_elems)
+        profile = pad_vocab(profile, spec.vocab_multiple)
+    elif trainer_args is not None:
+        shape = replace(shape, ckpt_layers=ckpt_layers)
     chosen = choose_gpu(gpu)
     memory = estimate(profile, shape, plan, chosen.profile, gradient_accumulation=accum)
     step = step_time(profile, shape, plan, chosen.profile, accum)

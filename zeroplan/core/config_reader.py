@@ -7,9 +7,21 @@ import math
 from typing import Any
 
 from zeroplan.core.errors import InvalidConfig, InvalidInput
-from zeroplan.core.dsconfig import hf_auto_values
 from zeroplan.core.plan import Plan
 from zeroplan.core.tuning import DEEPSPEED_ZERO_DEFAULTS
+
+
+def hf_bucket_autos(hidden_size: int) -> dict[str, int]:
+    """The one rule the reader keeps from transformers' HfTrainerDeepSpeedConfig: the ZeRO bucket
+    sizes its trainer_config_finalize derives from the model's hidden size when the config says
+    "auto" (reduce_bucket_size h², stage3_prefetch_bucket_size 0.9·h², stage3_param_persistence_
+    threshold 10·h). The reader is in the pure core (validate must answer without importing
+    torch or transformers), and these are the only "auto" values that change the memory plan;
+    the batch numbers come from the trainer's arguments or --micro-batch / --grad-accum. A test
+    (tests/test_dsconfig.py) holds this equal to transformers' own result."""
+    return {"zero_optimization.reduce_bucket_size": hidden_size * hidden_size,
+            "zero_optimization.stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
+            "zero_optimization.stage3_param_persistence_threshold": 10 * hidden_size}
 
 
 def _whole(value: Any, where: str) -> int:
@@ -76,7 +88,7 @@ def plan_from_config(config: dict[str, Any], gpus_per_node: int, nodes: int, *, 
     stage = _whole(zero.get("stage", 0), "zero_optimization.stage")
     if not 0 <= stage <= 3:
         raise InvalidConfig(f"ZeRO stage must be 0, 1, 2 or 3, got {stage}")
-    auto = hf_auto_values(micro_batch=1, gradient_accumulation=1, world_size=1, hidden_size=hidden_size)
+    auto = hf_bucket_autos(hidden_size)
 
     def elems(key: str) -> int:
         value = _zero_value(zero, key, DEEPSPEED_ZERO_DEFAULTS[key], auto.get(f"zero_optimization.{key}"))

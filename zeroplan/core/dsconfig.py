@@ -2,8 +2,8 @@
 
 `render` writes a Plan as a DeepSpeed config, either with every number filled in ("concrete") or
 with "auto" where the HF Trainer fills the value from its own arguments ("hf", the way InternVL's
-zero_stage*_config.json files are written). `fill_auto` mirrors what transformers'
-HfTrainerDeepSpeedConfig does to those "auto" values. Buckets come from zeroplan.core.tuning; a
+zero_stage*_config.json files are written); transformers' HfTrainerDeepSpeedConfig fills those
+(zeroplan.adapters.hf_trainer, zeroplan.adapters.deepspeed_adapter). Buckets come from zeroplan.core.tuning; a
 config is read back by zeroplan.core.config_reader. Pure Python: no DeepSpeed import here (see
 zeroplan.adapters.deepspeed_adapter for DeepSpeed's own validation).
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from zeroplan.core.errors import InvalidConfig, InvalidInput
+from zeroplan.core.errors import InvalidInput
 from zeroplan.core.plan import Plan, TrainShape
 from zeroplan.core.profiles import ModelProfile, load_model
 from zeroplan.core.tuning import max_reuse_distance, tuned_plan
@@ -149,44 +149,5 @@ def auto_fields(config: Any, prefix: str = "") -> list[str]:
             else:
                 found += auto_fields(value, f"{path}.")
     return found
-
-
-def hf_auto_values(*, micro_batch: int, gradient_accumulation: int, world_size: int, hidden_size: int,
-                   gradient_clipping: float = 1.0, lr: float = 2e-5, weight_decay: float = 0.05,
-                   bf16: bool = True, stage3: bool = True, num_training_steps: int = 1,
-                   warmup_steps: int = 0) -> dict[str, Any]:
-    """The value transformers' HfTrainerDeepSpeedConfig puts at each "auto" path it knows
-    (trainer_config_process and trainer_config_finalize): batch arithmetic, clipping, optimizer
-    and scheduler arguments, precision, and the hidden-size rules for the buckets."""
-    values: dict[str, Any] = {
-        "train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": gradient_accumulation,
-        "train_batch_size": micro_batch * gradient_accumulation * world_size,
-        "gradient_clipping": gradient_clipping, "optimizer.params.lr": lr,
-        "optimizer.params.betas": list(ADAM_BETAS), "optimizer.params.eps": ADAM_EPS,
-        "optimizer.params.weight_decay": weight_decay, "scheduler.params.warmup_min_lr": 0,
-        "scheduler.params.warmup_max_lr": lr, "scheduler.params.total_num_steps": num_training_steps,
-        "scheduler.params.warmup_num_steps": warmup_steps, "fp16.enabled": False, "bf16.enabled": bf16,
-        "zero_optimization.reduce_bucket_size": hidden_size * hidden_size,
-    }
-    if stage3:
-        values["zero_optimization.stage3_prefetch_bucket_size"] = int(0.9 * hidden_size * hidden_size)
-        values["zero_optimization.stage3_param_persistence_threshold"] = 10 * hidden_size
-    return values
-
-
-def fill_auto(config: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
-    """A copy of the config with each "auto" replaced from `values` (see hf_auto_values); an
-    "auto" the HF Trainer would not fill raises InvalidConfig, as the Trainer's DeepSpeed would
-    fail on it."""
-    filled = json.loads(json.dumps(config))
-    for path in auto_fields(filled):
-        if path not in values:
-            raise InvalidConfig(f"'{path}' is \"auto\" but the HF Trainer does not fill it; give a value")
-        *parents, leaf = path.split(".")
-        node = filled
-        for key in parents:
-            node = node[key]
-        node[leaf] = values[path]
-    return filled
 
 

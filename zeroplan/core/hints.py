@@ -9,6 +9,7 @@ from dataclasses import dataclass, replace
 from zeroplan.core.errors import DoesNotFit, InvalidInput
 from zeroplan.core.hostmem import HostMemory
 from zeroplan.core.plan import Plan, TrainShape
+from zeroplan.core.trainers import TrainerStack
 from zeroplan.core.planner import recommend
 from zeroplan.core.profiles import GPUProfile, ModelProfile
 
@@ -26,11 +27,12 @@ class Request:
     allow_offload: bool
     speed: bool
     host: HostMemory | None
+    stack: TrainerStack | None = None
 
     def plan(self):
         """planner.recommend on these inputs."""
         return recommend(self.profile, self.shape, self.base, self.gpu, self.global_batch, self.headroom,
-                         allow_offload=self.allow_offload, speed=self.speed, host=self.host)
+                         allow_offload=self.allow_offload, speed=self.speed, host=self.host, stack=self.stack)
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from zeroplan.core.memory import MemoryBreakdown, estimate
 from zeroplan.core.plan import Plan, TrainShape
 from zeroplan.core.profiles import GPUProfile, ModelProfile
 from zeroplan.core.steptime import StepTime, step_time
+from zeroplan.core.trainers import TrainerStack
 
 TIE_FRACTION = 0.01
 STAGE_PREFERENCE = {1: 0, 2: 1, 0: 2, 3: 3}
@@ -78,11 +79,20 @@ def per_gpu_batch(global_batch: int, world_size: int) -> int:
 
 
 def candidate_plans(profile: ModelProfile, base: Plan, shape: TrainShape, per_gpu: int, stages=(0, 1, 2, 3),
-                    allow_offload: bool = True, speed: bool = True):
+                    allow_offload: bool = True, speed: bool = True, stack: TrainerStack | None = None):
     """Yield (plan, shape, accumulation) for every combination worth predicting; each plan's buckets
     and ZeRO-3 settings are the tuned ones its DeepSpeed config will carry (tuning.tuned_plan).
-    `speed` adds the fused loss as an alternative and compiles the layers under stages 0-2."""
+    `speed` adds the fused loss as an alternative and compiles the layers under stages 0-2, as far
+    as the training `stack` can (its checkpointing choices too; None: zeroplan's runner)."""
     from zeroplan.core.tuning import tuned_plan
+
+    fused = speed and (stack is None or stack.fused_loss)
+    compiles = speed and (stack is None or stack.compiled_layers)
+    layers = profile.llm.num_layers
+    if stack is None:
+        ckpt_options = tuple((count != 0, count or None) for count in checkpoint_choices(layers))
+    else:
+        ckpt_options = stack.checkpoint_options(layers, checkpoint_choices(layers)[1:-1])
 
     for stage in stages:
         offloads = [("none", "none")]
@@ -96,10 +106,11 @@ def candidate_plans(profile: ModelProfile, base: Plan, shape: TrainShape, per_gp
             for micro in MICRO_BATCHES:
                 if micro > per_gpu or per_gpu % micro:
                     continue
-                for ckpt_layers in checkpoint_choices(profile.llm.num_layers):
-                    for kernels in (("eager", "liger-loss") if speed else (shape.kernels,)):
-                        compiled = speed and stage != 3
-                        yield plan, _reshape(shape, micro, ckpt_layers, kernels, compiled), per_gpu // micro
+                for grad_ckpt, ckpt_layers in ckpt_options:
+                    for kernels in (("eager", "liger-loss") if fused else (shape.kernels,)):
+                        compiled = compiles and stage != 3
+                        yield (plan, _reshape(shape, micro, grad_ckpt, ckpt_layers, kernels, compiled),
+                               per_gpu // micro)
 
 
 def checkpoint_choices(num_layers: int) -> tuple[int | None, ...]:
@@ -109,22 +120,24 @@ def checkpoint_choices(num_layers: int) -> tuple[int | None, ...]:
     return (0, *partial, None)
 
 
-def _reshape(shape: TrainShape, micro_batch: int, ckpt_layers: int | None, kernels: str,
+def _reshape(shape: TrainShape, micro_batch: int, grad_ckpt: bool, ckpt_layers: int | None, kernels: str,
              compiled: bool) -> TrainShape:
-    return replace(shape, micro_batch=micro_batch, grad_ckpt=ckpt_layers != 0, ckpt_layers=ckpt_layers or None,
+    return replace(shape, micro_batch=micro_batch, grad_ckpt=grad_ckpt, ckpt_layers=ckpt_layers,
                    kernels=kernels, compiled=compiled)
 
 
 def evaluate(profile: ModelProfile, shape: TrainShape, plan: Plan, gpu: GPUProfile, accumulation: int,
-             budget_bytes: int, time: StepTime | None = None, host: HostMemory | None = None) -> Candidate:
+             budget_bytes: int, time: StepTime | None = None, host: HostMemory | None = None,
+             groups: bool = True) -> Candidate:
     """Predict one candidate's memory and speed and whether it fits the budget. A ZeRO-1/2 plan
     that does not fit is tried again with the optimizer's parameters in groups
     (OPTIMIZER_GROUP_ELEMS), which shrinks the step's fp32 gradient copy to one group's: as fast,
-    but the training script has to build the groups, so only where they decide the fit."""
+    but the training script has to build the groups, so only where they decide the fit (and only
+    with `groups`: a training stack that cannot build them)."""
     memory = estimate(profile, shape, plan, gpu, gradient_accumulation=accumulation, compiled=shape.compiled)
     time = time or step_time(profile, shape, plan, gpu, accumulation)
     fits = memory.peak <= budget_bytes
-    if (not fits and plan.stage in (1, 2) and plan.offload_optimizer == "none" and not plan.optimizer_group_elems
+    if (groups and not fits and plan.stage in (1, 2) and plan.offload_optimizer == "none" and not plan.optimizer_group_elems
             and memory.peak - budget_bytes < memory.step_transient * 3 // 2):  # what groups can save at most
         grouped = plan.with_(optimizer_group_elems=OPTIMIZER_GROUP_ELEMS)
         grouped_memory = estimate(profile, shape, grouped, gpu, gradient_accumulation=accumulation,
@@ -142,15 +155,17 @@ def evaluate(profile: ModelProfile, shape: TrainShape, plan: Plan, gpu: GPUProfi
 
 def recommend(profile: ModelProfile, shape: TrainShape, base: Plan, gpu: GPUProfile, global_batch: int,
               headroom: float = DEFAULT_HEADROOM, stages=(0, 1, 2, 3), allow_offload: bool = True,
-              speed: bool = True, host: HostMemory | None = None) -> Recommendation:
-    """The fastest plan that fits the GPU (and, with `host`, the node's RAM), with every alternative
+              speed: bool = True, host: HostMemory | None = None,
+              stack: TrainerStack | None = None) -> Recommendation:
+    """The fastest plan that fits the GPU (and, with `host`, the node's RAM), among the plans the
+    training `stack` can execute (None: zeroplan's runner, every option), with every alternative
     and why it lost (`why_not`, from the same keys the ranking uses).
 
     Raises DoesNotFit when no candidate fits (core.hints finds, and verifies, what would)."""
     budget = usable_bytes(gpu.memory_bytes, headroom)
     per_gpu = per_gpu_batch(global_batch, base.world_size)
     candidates = _evaluate_fastest_first(profile, base, shape, gpu, per_gpu, stages, allow_offload, speed, budget,
-                                         host=host)
+                                         host=host, stack=stack)
     fitting = [c for c in candidates if c.fits]
     if not fitting:
         raise DoesNotFit(_nothing_fits_message(candidates, budget))
@@ -200,13 +215,15 @@ def why_not(candidate: Candidate, best: Candidate, fastest_step_s: float) -> str
 
 
 def _evaluate_fastest_first(profile, base, shape, gpu, per_gpu, stages, allow_offload, speed, budget,
-                            runners_up: int = RUNNERS_UP, host: HostMemory | None = None) -> list[Candidate]:
+                            runners_up: int = RUNNERS_UP, host: HostMemory | None = None,
+                            stack: TrainerStack | None = None) -> list[Candidate]:
     """Candidates with their memory predicted, fastest first, as far as the choice needs: the
     step time of every candidate is cheap, the memory prediction (an allocator replay) is not, so
     memory is predicted down the speed order until a plan fits, through the plans tied with it,
     and until `runners_up` more fit; slower plans are not predicted (they could not win)."""
     timed = sorted(((step_time(profile, s, p, gpu, acc), p, s, acc)
-                    for p, s, acc in candidate_plans(profile, base, shape, per_gpu, stages, allow_offload, speed)),
+                    for p, s, acc in candidate_plans(profile, base, shape, per_gpu, stages, allow_offload, speed,
+                                                     stack)),
                    key=lambda item: item[0].step_s)
     out: list[Candidate] = []
     fastest_fit = None
@@ -214,7 +231,8 @@ def _evaluate_fastest_first(profile, base, shape, gpu, per_gpu, stages, allow_of
         if (fastest_fit is not None and time.step_s > fastest_fit * (1 + TIE_FRACTION)
                 and sum(c.fits for c in out) > runners_up):
             break
-        candidate = evaluate(profile, candidate_shape, plan, gpu, accumulation, budget, time, host)
+        candidate = evaluate(profile, candidate_shape, plan, gpu, accumulation, budget, time, host,
+                             groups=stack is None or stack.optimizer_groups)
         out.append(candidate)
         if candidate.fits and fastest_fit is None:
             fastest_fit = time.step_s

@@ -20,8 +20,9 @@ NOT_IN_POINT_ID = frozenset({"steps", "warmup_steps"})
 # Fields added after points were measured: left out of the point id at their default, so the
 # points measured before they existed keep their ids (and sweeps keep resuming).
 LATER_DEFAULTS = {"kernels": "eager", "compile": False, "gradient_accumulation": 1, "vocab_multiple": 1,
-                  "ckpt_layers": None, "optimizer_group_elems": 0, "timing": "sync"}
+                  "ckpt_layers": None, "optimizer_group_elems": 0, "timing": "sync", "trainer": "zeroplan"}
 TIMINGS = ("sync", "wall")
+RUNNER_TRAINERS = ("zeroplan", "hf")
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,8 @@ class RunSpec:
     peaks per phase (forward, backward, step); "wall" runs the steps as an ordinary training loop
     does (no synchronisation and no per-phase reading inside the loop, the losses read at the end)
     and times them boundary to boundary on the host, the last one up to a final synchronisation.
+    `trainer` "hf" runs the step through transformers.Trainer (TrainingArguments from the hf
+    stack's launch arguments) instead of zeroplan's own loop.
     """
 
     model: str = "tiny"
@@ -77,6 +80,7 @@ class RunSpec:
     ckpt_layers: int | None = None
     optimizer_group_elems: int = 0
     timing: str = "sync"
+    trainer: str = "zeroplan"
 
     def __post_init__(self):
         for name in ("grad_ckpt", "packed", "fixed_tiles", "compile"):
@@ -104,6 +108,8 @@ class RunSpec:
                 raise InvalidInput(f"{name} must be a whole number >= {low}, got {value!r}")
         if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not 0 < self.lr < 1:
             raise InvalidInput(f"lr must be a number between 0 and 1, got {self.lr!r}")
+        if self.trainer not in RUNNER_TRAINERS:
+            raise InvalidInput(f"trainer must be one of {', '.join(RUNNER_TRAINERS)}, got {self.trainer!r}")
         if self.kernels not in KERNELS:
             raise InvalidInput(f"kernels must be one of {', '.join(KERNELS)}, got {self.kernels!r}")
         if self.timing not in TIMINGS:

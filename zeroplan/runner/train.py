@@ -82,6 +82,10 @@ def train(spec: RunSpec, cuda: bool, rank: int, world_size: int, local_rank: int
     from zeroplan.runner import data, measure, model as model_setup
     from zeroplan.runner.config import deepspeed_config
 
+    if spec.trainer == "hf":  # transformers.Trainer with the hf stack's printed arguments
+        from zeroplan.runner import hf_trainer
+
+        return hf_trainer.train(spec, cuda, rank, world_size, local_rank, result)
     if world_size != spec.world_size:
         raise RuntimeError(f"launched with {world_size} ranks but the spec asks for {spec.world_size}")
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
