@@ -41,7 +41,7 @@ def test_groups_shrink_only_the_zero12_step():
     gpu = load_gpu("h100")
     whole = estimate(FOUR_B, FAST, plan, gpu, gradient_accumulation=16)
     split = estimate(FOUR_B, FAST, grouped, gpu, gradient_accumulation=16)
-    assert whole.peak_phase == "optimizer-step"
+    assert whole.peak_phase.startswith("optimizer-step")
     # the fp32 copy of the whole 14.8 GB slice (plus its bf16 flat copy) against one group's
     assert whole.step_transient == 4 * sum(stage12_group_slices(FOUR_B, FAST, plan))
     assert split.step_transient == 4 * max(stage12_group_slices(FOUR_B, FAST, grouped)) <= 4 * OPTIMIZER_GROUP_ELEMS
@@ -156,9 +156,11 @@ def test_estimate_takes_checkpointed_layers_and_optimizer_groups(capsys):
 
     common = ["estimate", "--model", "4b", "--gpus", "1", "--gpu", "h100", "--seq-len", "8192", "--tiles", "8",
               "--json"]
-    assert main(common + ["--stage", "1"]) == 0
+    assert main(common + ["--stage", "1"]) == 3  # the whole slice's fp32 copy does not fit an 80 GB H100
     whole = json.loads(capsys.readouterr().out)
-    assert main(common + ["--stage", "1", "--ckpt-layers", "18", "--optimizer-groups", "500000000"]) == 0
+    # still over an 80 GB H100 with half the layers recomputed (exit 3): what is tested is that
+    # the flags reach the estimate
+    assert main(common + ["--stage", "1", "--ckpt-layers", "18", "--optimizer-groups", "500000000"]) == 3
     split = json.loads(capsys.readouterr().out)
     assert (split["ckpt_layers"], split["optimizer_group_elems"]) == (18, 500_000_000)
     assert split["breakdown_bytes"]["step_transient"] < whole["breakdown_bytes"]["step_transient"]
