@@ -101,6 +101,10 @@ def command(
     ckpt_layers: Annotated[Optional[int], typer.Option("--ckpt-layers", help="With --grad-ckpt: checkpoint only the first N LLM decoder layers (default: all).")] = None,
     optimizer_groups: Annotated[int, typer.Option("--optimizer-groups", help="ZeRO-1/2: the optimizer's parameters in groups of at most N elements (0: one group).")] = 0,
     json_out: o.Json = False,
+    cluster: o.Cluster = None,
+    inter_node_gbps: o.InterNodeGbps = None,
+    nics_per_node: o.NicsPerNode = None,
+    nic_gbit: o.NicGbit = None,
 ):
     """Per-GPU memory of one plan: breakdown, peak, capacity and DeepSpeed's own estimate beside it."""
     from zeroplan.core.tuning import tuned_plan
@@ -115,7 +119,9 @@ def command(
 
         shape = replace(shape, ckpt_layers=ckpt_layers)
     plan = tuned_plan(profile, shape, o.build_plan(stage, gpus, nodes, gpus_per_node, offload_optimizer,
-                                                   offload_params, optimizer_group_elems=optimizer_groups))
+                                                   offload_params, optimizer_group_elems=optimizer_groups,
+                                                   network=o.build_network(cluster, inter_node_gbps,
+                                                                           nics_per_node, nic_gbit)))
     overrides = {"reduce_bucket_elems": reduce_bucket, "allgather_bucket_elems": reduce_bucket,
                  "prefetch_bucket_elems": prefetch_bucket, "max_live_params": max_live,
                  "param_persistence_threshold": persistence}
@@ -123,8 +129,14 @@ def command(
     chosen = choose_gpu(gpu)
     memory = estimate(profile, shape, plan, chosen.profile)
     payload = estimate_payload(profile, shape, plan, chosen, memory, deepspeed_baseline(profile, shape, plan))
+    from zeroplan.core.commreport import communication
+
+    payload["communication"] = communication(profile, shape, plan, chosen.profile, 1)
     if json_out:
         o.print_json(payload)
     else:
+        from zeroplan.cli.network_view import print_communication
+
         render_table(payload)
+        print_communication(payload["communication"])
     return 0

@@ -87,6 +87,19 @@ def _recipe(given, profile, best, gpu) -> list[str]:
     return lines
 
 
+def _communication(profile, result, gpu) -> dict:
+    """The recommended plan's collectives and network assumption; on several nodes, the fitting
+    plan that would win at other inter-node bandwidths."""
+    from zeroplan.core.commreport import bandwidth_sensitivity, communication
+
+    best = result.best
+    comm = communication(profile, best.shape, best.plan, gpu, best.gradient_accumulation)
+    if best.plan.nodes > 1:
+        fitting = [(c.plan, c.shape, c.gradient_accumulation) for c in (best, *result.others) if c.fits]
+        comm["by_inter_node_bandwidth"] = bandwidth_sensitivity(profile, gpu, fitting, comm["node_nic_gbit"])
+    return comm
+
+
 def _ckpt(summary: dict) -> str:
     """on, off, or the number of decoder layers checkpointed."""
     if not summary["grad_ckpt"]:
@@ -131,6 +144,9 @@ def _print(payload: dict, result) -> None:
                         o.gib(alt["predicted_peak_bytes"]), f"{alt['predicted_tokens_per_s']:,.0f}",
                         alt["rejected_because"])
     console.print(runners)
+    from zeroplan.cli.network_view import print_communication
+
+    print_communication(payload["communication"], payload["communication"].get("by_inter_node_bandwidth"))
     console.print(f"DeepSpeed config written to [bold]{payload['config_path']}[/bold] ({payload['validation']})")
     for launcher, line in payload["launch"].items():
         console.print(f"[dim]{launcher}:[/dim] {line}", soft_wrap=True)
@@ -155,6 +171,10 @@ def command(
     packed: Annotated[bool, typer.Option("--packed", help="Rows pack several samples (varlen attention, no attention across them).")] = False,
     pad_vocab: Annotated[int, typer.Option("--pad-vocab", help="Pad the vocabulary to a multiple of this (1: as is; 128 aligns the LM head).")] = 1,
     json_out: o.Json = False,
+    cluster: o.Cluster = None,
+    inter_node_gbps: o.InterNodeGbps = None,
+    nics_per_node: o.NicsPerNode = None,
+    nic_gbit: o.NicGbit = None,
 ):
     """Recommend the fastest ZeRO plan that fits, explain the runners-up, write its DeepSpeed config."""
     from zeroplan.adapters.validator_process import take
@@ -174,7 +194,8 @@ def command(
     given = load_model(model)
     profile = padded(given, pad_vocab)
     shape = replace(o.build_shape(1, seq_len, tiles, True, freeze, lora_rank, profile), packed=packed)
-    base = o.build_plan(0, gpus, nodes, gpus_per_node)
+    base = o.build_plan(0, gpus, nodes, gpus_per_node,
+                        network=o.build_network(cluster, inter_node_gbps, nics_per_node, nic_gbit))
     o.check_fraction("--headroom", headroom)
     if flavour not in ("concrete", "hf"):
         raise InvalidInput(f"--flavour must be concrete or hf, got {flavour!r}")
@@ -196,6 +217,7 @@ def command(
     payload = _payload(result, profile, chosen, config, out, _launch_lines(result.best.plan, str(out)))
     payload["validation"] = note or "validated by DeepSpeed's config classes"
     payload["recipe"] = _recipe(given, profile, result.best, chosen.profile)
+    payload["communication"] = _communication(profile, result, chosen.profile)
     if json_out:
         o.print_json(payload)
     else:
