@@ -102,27 +102,37 @@ class Links:
 
 
 def _positive(value: Any, name: str, where: str, kind=float, upper: float = 1e7) -> Any:
+    where = "" if where == "command line" else where
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
-        raise InvalidInput(f"{where}: {name} must be a {'whole number' if kind is int else 'number'}, got {value!r}")
+        raise InvalidInput(f"{where}{': ' if where else ''}{name} must be a {'whole number' if kind is int else 'number'}, "
+                           f"got {value!r}")
     if not math.isfinite(value) or not 0 < value <= upper:
-        raise InvalidInput(f"{where}: {name} must be above 0 and at most {upper:g}, got {value!r}")
+        raise InvalidInput(f"{where}{': ' if where else ''}{name} must be above 0 and at most {upper:g}, got {value!r}")
     return value
 
 
+CLI_NAMES = ("--nics-per-node", "--nic-gbit", "--inter-node-gbps")
+FILE_NAMES = ("network.nics_per_node", "network.nic_gbit", "network.inter_node_gbps")
+
+
 def network_from_values(nics_per_node: int | None = None, nic_gbit: float | None = None,
-                        inter_node_gbps: float | None = None, where: str = "command line") -> Network | None:
-    """A Network from command-line values (None when nothing is stated)."""
+                        inter_node_gbps: float | None = None, where: str = "command line",
+                        names: tuple[str, str, str] = CLI_NAMES) -> Network | None:
+    """A Network from stated values (None when nothing is stated); `names` are what the user
+    typed them as (options or file keys), for the error messages."""
+    nics_name, rate_name, per_gpu_name = names
     if nics_per_node is None and nic_gbit is None and inter_node_gbps is None:
         return None
+    prefix = "" if where == "command line" else f"{where}: "
     if inter_node_gbps is not None and (nics_per_node is not None or nic_gbit is not None):
-        raise InvalidInput("give either --inter-node-gbps (GB/s per GPU) or --nics-per-node with --nic-gbit, not both")
+        raise InvalidInput(f"{prefix}give either {per_gpu_name} (GB/s per GPU) or {nics_name} with {rate_name}, not both")
     if (nics_per_node is None) != (nic_gbit is None):
-        raise InvalidInput("--nics-per-node and --nic-gbit go together (e.g. --nics-per-node 8 --nic-gbit 400)")
+        raise InvalidInput(f"{prefix}{nics_name} and {rate_name} go together (e.g. 8 NICs of 400 Gb/s)")
     if inter_node_gbps is not None:
-        _positive(inter_node_gbps, "--inter-node-gbps", where)
+        _positive(inter_node_gbps, per_gpu_name, where)
     else:
-        _positive(nics_per_node, "--nics-per-node", where, int, 1024)
-        _positive(nic_gbit, "--nic-gbit", where)
+        _positive(nics_per_node, nics_name, where, int, 1024)
+        _positive(nic_gbit, rate_name, where)
     return Network(nics_per_node=nics_per_node, nic_gbit=None if nic_gbit is None else float(nic_gbit),
                    inter_node_gbps=None if inter_node_gbps is None else float(inter_node_gbps), origin=where)
 
@@ -140,7 +150,8 @@ def network_from_data(data: Any, where: str) -> Network:
     unknown = sorted(set(net) - set(NETWORK_KEYS))
     if unknown:
         raise InvalidInput(f"{where}: unknown key 'network.{unknown[0]}' (accepted: {', '.join(NETWORK_KEYS)})")
-    base = network_from_values(net.get("nics_per_node"), net.get("nic_gbit"), net.get("inter_node_gbps"), where)
+    base = network_from_values(net.get("nics_per_node"), net.get("nic_gbit"), net.get("inter_node_gbps"), where,
+                               FILE_NAMES)
     if base is None:
         raise InvalidInput(f"{where}: [network] needs nics_per_node and nic_gbit, or inter_node_gbps")
     extra: dict[str, Any] = {}
