@@ -81,6 +81,10 @@ def command(
     grad_accum: Annotated[int, typer.Option("--grad-accum", help="Micro-steps per optimizer step (what DeepSpeed holds between them, and the step time).")] = 1,
     headroom: o.Headroom = 0.05,
     json_out: o.Json = False,
+    cluster: o.Cluster = None,
+    inter_node_gbps: o.InterNodeGbps = None,
+    nics_per_node: o.NicsPerNode = None,
+    nic_gbit: o.NicGbit = None,
 ):
     """Per-GPU memory of one plan: breakdown, peak, capacity and DeepSpeed's own estimate beside it."""
     from zeroplan.adapters.deepspeed_adapter import estimator_quietly
@@ -90,6 +94,7 @@ def command(
     from zeroplan.core.memory import estimate
     from zeroplan.core.profiles import load_model
     from zeroplan.core.steptime import step_time
+    from zeroplan.core.commreport import communication
     from zeroplan.core.summary import plan_summary
 
     profile = load_model(model)
@@ -99,7 +104,9 @@ def command(
 
         shape = replace(shape, ckpt_layers=ckpt_layers)
     plan = tuned_plan(profile, shape, o.build_plan(stage, gpus, nodes, gpus_per_node, offload_optimizer,
-                                                   offload_params, optimizer_group_elems=optimizer_groups))
+                                                   offload_params, optimizer_group_elems=optimizer_groups,
+                                                   network=o.build_network(cluster, inter_node_gbps,
+                                                                           nics_per_node, nic_gbit)))
     overrides = {"reduce_bucket_elems": reduce_bucket, "allgather_bucket_elems": reduce_bucket,
                  "prefetch_bucket_elems": prefetch_bucket, "max_live_params": max_live,
                  "param_persistence_threshold": persistence}
@@ -112,8 +119,12 @@ def command(
     step = step_time(profile, shape, plan, chosen.profile, grad_accum)
     payload = plan_summary(profile, shape, plan, chosen.profile.name, chosen.origin, memory, step, grad_accum,
                            estimator_quietly(profile, shape, plan), headroom)
+    payload["communication"] = communication(profile, shape, plan, chosen.profile, grad_accum)
     if json_out:
         o.print_json(payload)
     else:
+        from zeroplan.cli.network_view import print_communication
+
         render_table(payload)
+        print_communication(payload["communication"])
     return 0 if payload["fits"] else 3  # the statuses every planning verb uses: 0 fits, 3 does not, 2 bad input

@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from zeroplan.core.cluster import Network, load_cluster, network_from_values
 from zeroplan.core.errors import InvalidInput
 from zeroplan.core.plan import Plan, TrainShape, cluster
 
@@ -30,6 +31,10 @@ Trainer = Annotated[str, typer.Option(
     "--trainer", help="The training stack the plan is for: internvl (InternVL's internvl_chat_finetune.py), "
                       "hf (an HF Trainer script on transformers' InternVL class) or zeroplan (the bundled runner).")]
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")]
+Cluster = Annotated[Optional[str], typer.Option("--cluster", help="Cluster TOML file: NICs per node × Gb/s, NVLink, measured NCCL bus bandwidth.")]
+InterNodeGbps = Annotated[Optional[float], typer.Option("--inter-node-gbps", help="Inter-node bandwidth per GPU, GB/s per direction (node NICs ÷ GPUs per node); default: the GPU profile's.")]
+NicsPerNode = Annotated[Optional[int], typer.Option("--nics-per-node", help="NICs per node across nodes (with --nic-gbit).")]
+NicGbit = Annotated[Optional[float], typer.Option("--nic-gbit", help="Line rate of one NIC, Gb/s (with --nics-per-node).")]
 
 
 def parse_freeze(values: list[str] | None) -> frozenset[str]:
@@ -51,12 +56,28 @@ def build_shape(micro_batch: int, seq_len: int, tiles: int, grad_ckpt: bool, fre
     return shape
 
 
+def build_network(cluster_file: str | None, inter_node_gbps: float | None, nics_per_node: int | None,
+                  nic_gbit: float | None) -> Network | None:
+    """The stated interconnect: a cluster file, or the command-line figures (not both); None keeps
+    the GPU profile's default."""
+    stated = network_from_values(nics_per_node, nic_gbit, inter_node_gbps)
+    if cluster_file is None:
+        return stated
+    if stated is not None:
+        raise InvalidInput("give the network either in --cluster FILE or with --inter-node-gbps / --nics-per-node, not both")
+    return load_cluster(cluster_file)
+
+
 def build_plan(stage: int, gpus: int | None, nodes: int | None, gpus_per_node: int | None,
-               offload_optimizer: str = "none", offload_params: str = "none", **extra) -> Plan:
-    """Plan from CLI values (cluster arithmetic included)."""
+               offload_optimizer: str = "none", offload_params: str = "none", network: Network | None = None,
+               **extra) -> Plan:
+    """Plan from CLI values (cluster arithmetic included); a cluster file's gpus_per_node is the
+    default for --gpus-per-node."""
+    if gpus_per_node is None and network is not None and network.gpus_per_node is not None:
+        gpus_per_node = network.gpus_per_node
     per_node, node_count = cluster(gpus, nodes, gpus_per_node)
     return Plan(stage=stage, gpus_per_node=per_node, nodes=node_count, offload_optimizer=offload_optimizer.lower(),
-                offload_params=offload_params.lower(), **extra)
+                offload_params=offload_params.lower(), network=network, **extra)
 
 
 def check_fraction(name: str, value: float) -> float:

@@ -87,6 +87,19 @@ def _recipe(given, profile, best, gpu, pad_hint: bool = True) -> list[str]:
     return lines
 
 
+def _communication(profile, result, gpu) -> dict:
+    """The recommended plan's collectives and network assumption; on several nodes, the fitting
+    plan that would win at other inter-node bandwidths."""
+    from zeroplan.core.commreport import bandwidth_sensitivity, communication
+
+    best = result.best
+    comm = communication(profile, best.shape, best.plan, gpu, best.gradient_accumulation)
+    if best.plan.nodes > 1:
+        fitting = [(c.plan, c.shape, c.gradient_accumulation) for c in (best, *result.others) if c.fits]
+        comm["by_inter_node_bandwidth"] = bandwidth_sensitivity(profile, gpu, fitting, comm["node_nic_gbit"])
+    return comm
+
+
 def _ckpt(summary: dict) -> str:
     """on, off, or the number of decoder layers checkpointed."""
     if not summary["grad_ckpt"]:
@@ -158,6 +171,9 @@ def _print(payload: dict, result, console=None) -> None:
         table.add_row(key, o.gib(value))
     console.print(table)
     console.print(runners_table(payload["alternatives"]))
+    from zeroplan.cli.network_view import print_communication
+
+    print_communication(payload["communication"], payload["communication"].get("by_inter_node_bandwidth"))
     console.print(f"DeepSpeed config written to [bold]{payload['config_path']}[/bold] ({payload['validation']})")
     for launcher, line in payload["launch"].items():
         console.print(f"[dim]{launcher}:[/dim] {line}", soft_wrap=True)
@@ -208,6 +224,10 @@ def command(
     host_memory_gib: o.HostMemoryGib = None,
     json_out: o.Json = False,
     force: Annotated[bool, typer.Option("--force", help="Replace --out if it already exists.")] = False,
+    cluster: o.Cluster = None,
+    inter_node_gbps: o.InterNodeGbps = None,
+    nics_per_node: o.NicsPerNode = None,
+    nic_gbit: o.NicGbit = None,
 ):
     """Recommend the fastest ZeRO plan that fits, explain the runners-up, write its DeepSpeed config."""
     from zeroplan.adapters.validator_process import take
@@ -233,7 +253,8 @@ def command(
     given = load_model(model)
     profile = padded(given, pad_vocab)
     shape = replace(o.build_shape(1, seq_len, tiles, True, freeze, lora_rank, profile), packed=packed)
-    base = o.build_plan(0, gpus, nodes, gpus_per_node)
+    base = o.build_plan(0, gpus, nodes, gpus_per_node,
+                        network=o.build_network(cluster, inter_node_gbps, nics_per_node, nic_gbit))
     o.check_fraction("--headroom", headroom)
     stack = load_stack(trainer)
     check_stack_options(stack, packed=packed, pad_vocab=pad_vocab)
@@ -267,6 +288,7 @@ def command(
                                                     str(out), args, str(spec_path))}
     payload["validation"] = note or "validated by DeepSpeed's config classes"
     payload["recipe"] = _recipe(given, profile, result.best, chosen.profile, pad_hint=stack.name == "zeroplan")
+    payload["communication"] = _communication(profile, result, chosen.profile)
     if json_out:
         o.print_json(payload)
     else:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 
+from zeroplan.core.cluster import Network
 from zeroplan.core.errors import InvalidInput
 
 OFFLOAD_DEVICES = ("none", "cpu", "nvme")
@@ -88,6 +89,8 @@ class Plan:
     its parameters in consecutive groups of at most this many elements. DeepSpeed's ZeRO-1/2 step
     flattens each group's gradient slice to bf16 and converts it to fp32 one group at a time, so
     the step's temporaries are one group's, not the whole slice's (6 bytes per element).
+    `network` (zeroplan.core.cluster): the interconnect the user stated; None takes the GPU
+    profile's default links.
     """
 
     stage: int = 3
@@ -104,6 +107,7 @@ class Plan:
     param_persistence_threshold: int = 100_000
     sub_group_elems: int = 1_000_000_000
     optimizer_group_elems: int = 0
+    network: Network | None = None
 
     def __post_init__(self):
         _check_int("ZeRO stage", self.stage, 0, 3)

@@ -8,7 +8,9 @@ micro-batch per GPU, plus what a stage does once per step. The figures per term:
 - memory-bound work: norms, rotary, activations and the fp32 loss over the vocabulary move about
   four times their saved bytes (written in forward, read by the next op, read and written in
   backward) at HBM bandwidth;
-- communication over the slowest link of the ring (NVLink inside a node, the NIC across nodes):
+- communication over the ring's bottleneck (NVLink inside a node; across nodes the node's NICs
+  together, from the stated cluster or the GPU profile's default: zeroplan.core.cluster), with a
+  latency per ring hop and collective (zeroplan.core.collectives):
   ZeRO-0 all-reduces the gradients (2·(N-1)/N of their bytes) once per step; ZeRO-1 reduce-scatters
   them once per step and all-gathers the updated 16-bit parameters; ZeRO-2 reduce-scatters at every
   micro-step; ZeRO-3 all-gathers the parameters in forward and again in backward and reduce-scatters
@@ -51,6 +53,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from zeroplan.core.activations import activation_bytes
+from zeroplan.core.collectives import collectives, links_of, split_by_when
 from zeroplan.core.flops import backward_factors, shape_flops
 from zeroplan.core.params import count_parameters, lora_tensors, model_tensors
 from zeroplan.core.plan import Plan, TrainShape
@@ -97,11 +100,11 @@ class StepTime:
         return dict(self.__dict__)
 
 
-def ring_bandwidth_bytes_per_s(gpu: GPUProfile, plan: Plan) -> float:
-    """Per-GPU bandwidth of a ring collective: NVLink in one node, the NIC across nodes."""
-    gbps = gpu.intra_node_bandwidth_gbps if plan.nodes == 1 else min(gpu.intra_node_bandwidth_gbps,
-                                                                      gpu.inter_node_bandwidth_gbps)
-    return gbps * 1e9
+def ring_bandwidth_bytes_per_s(gpu: GPUProfile, plan: Plan, collective: str = "all_gather") -> float:
+    """Bus bandwidth of a ring collective: NVLink in one node; across nodes the smaller of NVLink
+    and the node's NICs together at NCCL's efficiency (zeroplan.core.cluster says why), from the
+    plan's stated network or the GPU profile's default."""
+    return links_of(plan, gpu).bus_bandwidth(collective)
 
 
 def _trainable_elems(profile: ModelProfile, shape: TrainShape) -> int:
@@ -129,24 +132,13 @@ def communication_seconds(profile: ModelProfile, shape: TrainShape, plan: Plan, 
     serial once per step).
 
     ZeRO-0 all-reduces the gradients after the last backward (DeepSpeed's engine does it in one
-    buffered pass, not overlapped). ZeRO-1 reduce-scatters them during the last micro-step's
-    backward (IPG buckets with overlap_comm) and all-gathers the updated parameters after the step.
-    ZeRO-2 reduce-scatters in every micro-step's backward. ZeRO-3 all-gathers the parameters in
-    forward and in backward and reduce-scatters the gradients in every micro-step."""
-    world = plan.world_size
-    if world == 1:
-        return 0.0, 0.0, 0.0
-    share = (world - 1) / world
-    bandwidth = ring_bandwidth_bytes_per_s(gpu, plan)
-    grad_bytes = 2 * _trainable_elems(profile, shape)
-    all_param_bytes = 2 * count_parameters(profile).total
-    if plan.stage == 0:
-        return 0.0, 0.0, 2 * share * grad_bytes / bandwidth
-    if plan.stage == 1:
-        return 0.0, share * grad_bytes / bandwidth, share * grad_bytes / bandwidth
-    if plan.stage == 2:
-        return share * grad_bytes / bandwidth, 0.0, share * grad_bytes / bandwidth
-    return (2 * share * all_param_bytes + share * grad_bytes) / bandwidth, 0.0, 0.0
+    buffered pass, not overlapped). ZeRO-1 reduces them to their owners during the last
+    micro-step's backward (IPG buckets with overlap_comm) and all-gathers the updated parameters
+    after the step. ZeRO-2 reduces in every micro-step's backward. ZeRO-3 all-gathers the
+    parameters in forward and in backward and reduce-scatters the gradients in every micro-step.
+    Volumes, counts and latencies: zeroplan.core.collectives."""
+    micro, once, serial, _, _ = split_by_when(collectives(profile, shape, plan, gpu))
+    return micro, once, serial
 
 
 def _exposed(comm_s: float, compute_s: float, overlap: bool) -> float:
@@ -273,10 +265,13 @@ def step_terms(profile: ModelProfile, shape: TrainShape, plan: Plan, gpu: GPUPro
     memory_bound *= 1 + 0.5 * recomputed_share(profile, shape)
     layers = profile.vision.num_layers + profile.llm.num_layers
     tensors = trainable_tensor_count(profile, shape)
-    every_micro, once, serial = communication_seconds(profile, shape, plan, gpu)
+    every_micro, once, serial, floor_micro, floor_once = split_by_when(collectives(profile, shape, plan, gpu))
     micro_estimate = (flops.total + recompute) / (gpu.bf16_dense_tflops * 1e12 * DEFAULT_COMPUTE_EFFICIENCY)
     overlap = plan.overlap_comm or plan.stage == 3
-    exposed = accumulation * _exposed(every_micro, micro_estimate, overlap) + serial + _exposed(once, micro_estimate, overlap)
+    # The first all-gather / last reduce-scatter (ZeRO-3) and the last gradient bucket (ZeRO-1/2)
+    # have no compute beside them: exposed whatever the slack elsewhere.
+    exposed = (accumulation * (_exposed(every_micro - floor_micro, micro_estimate, overlap) + floor_micro) + serial
+               + _exposed(once - floor_once, micro_estimate, overlap) + floor_once)
     offload = offload_seconds(profile, shape, plan, gpu, accumulation)
     optimizer = 0.0 if plan.offload_optimizer != "none" else (
         ADAM_BYTES_PER_ELEM * _trainable_elems(profile, shape) / plan.world_size / (gpu.hbm_bandwidth_gbps * 1e9))
