@@ -157,7 +157,7 @@ def test_estimate_answers_without_deepspeed_and_says_its_estimator_is_unavailabl
 
 def test_recommend_answers_without_deepspeed_and_says_the_config_was_not_validated(without_deepspeed, tmp_path):
     done = _zeroplan(without_deepspeed, "recommend", "--model", "tiny", "--gpus", "2", "--out", "ds.json", "--json",
-                     cwd=tmp_path)
+                     "--trainer", "zeroplan", cwd=tmp_path)  # a concrete config: its batch is a number
     assert done.returncode == 0, done.stderr
     payload = json.loads(done.stdout)
     assert "not validated" in payload["validation"] and "deepspeed" in payload["validation"].lower()
