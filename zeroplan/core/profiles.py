@@ -109,6 +109,7 @@ class GPUProfile:
     source: str
     calibrated: dict[str, Any] = field(default_factory=dict)
     path: str = ""
+    host: dict[str, Any] = field(default_factory=dict)  # measured host figures (offload), with a source
 
 
 def _read_data_file(path: Path) -> dict[str, Any]:
@@ -216,6 +217,12 @@ def model_from_data(data: dict[str, Any], where: str, base: Path | None = None) 
     aliases = data.get("aliases", [])
     if not isinstance(aliases, list) or not all(isinstance(a, str) for a in aliases):
         raise InvalidProfile(f"{where}: 'aliases' must be a list of strings")
+    host = data.get("host", {})
+    if not isinstance(host, dict) or any(
+            not isinstance(host.get(key, 1.0), (int, float)) or isinstance(host.get(key), bool) or host.get(key, 1.0) <= 0
+            for key in ("pinned_bandwidth_gbps", "cpu_adam_elems_per_s")):
+        raise InvalidProfile(f"{where}: [host] must be a table whose pinned_bandwidth_gbps and cpu_adam_elems_per_s "
+                             "are positive numbers")
     return ModelProfile(
         name=_field(data, "name", str, where), aliases=tuple(aliases), family=str(data.get("family", "")),
         vision=vision, llm=_llm_from(llm_data, f"{where} [llm]"), downsample_ratio=float(ratio),
@@ -275,6 +282,12 @@ def gpu_from_data(data: dict[str, Any], where: str) -> GPUProfile:
     aliases = data.get("aliases", [])
     if not isinstance(aliases, list) or not all(isinstance(a, str) for a in aliases):
         raise InvalidProfile(f"{where}: 'aliases' must be a list of strings")
+    host = data.get("host", {})
+    if not isinstance(host, dict) or any(
+            not isinstance(host.get(key, 1.0), (int, float)) or isinstance(host.get(key), bool) or host.get(key, 1.0) <= 0
+            for key in ("pinned_bandwidth_gbps", "cpu_adam_elems_per_s")):
+        raise InvalidProfile(f"{where}: [host] must be a table whose pinned_bandwidth_gbps and cpu_adam_elems_per_s "
+                             "are positive numbers")
     return GPUProfile(
         name=_field(data, "name", str, where), aliases=tuple(aliases),
         memory_bytes=_field(data, "memory_bytes", int, where, positive=True),
@@ -285,7 +298,7 @@ def gpu_from_data(data: dict[str, Any], where: str) -> GPUProfile:
         inter_node_bandwidth_gbps=float(_field(data, "inter_node_bandwidth_gbps", float, where, positive=True)),
         pcie_bandwidth_gbps=float(_field(data, "pcie_bandwidth_gbps", float, where, positive=True)),
         cuda_context_bytes=_field(data, "cuda_context_bytes", int, where),
-        source=str(data.get("source", "")), calibrated=dict(calibrated), path=where,
+        source=str(data.get("source", "")), calibrated=dict(calibrated), path=where, host=dict(host),
     )
 
 

@@ -44,6 +44,23 @@ micro-batch per GPU, plus what a stage does once per step. The figures per term:
   13,800 launches, reports/h100_profile), `step_tensor_overhead_s` each, once per optimizer step.
   ZeRO-2 partitions gradients, so its hooks reduce every micro-step, not only at the boundary.
   Gradient accumulation spreads the once-per-step part over its micro-steps.
+
+How the terms combine (`seconds_of`): the host queues kernels ahead of the GPU, so the work of a
+micro-step's forward and backward is not the sum of the host's and the GPU's time but the larger of
+the two. The GPU's part is the compute at the calibrated efficiency, the LM head's misaligned
+products, the memory-bound work and a GPU-side cost per eager layer pass (`layer_gpu_s`: the tails of
+dozens of small kernels that no FLOP or byte count sees). The host's part is what Python and the
+launch path spend per layer pass (`layer_overhead_s`, `compiled_layer_overhead_s`,
+`recompute_layer_overhead_s`), ZeRO-3's module hooks and ZeRO-2's per-micro-step gradient hooks:
+all of it runs while earlier kernels execute, and it is exposed only where the host falls behind
+(small micro-batches, small models: the GPU then waits for launches). What synchronises the host
+with the GPU is serial, added after the larger of the two: the optimizer step's per-tensor
+bookkeeping at the accumulation boundary (the gradient norm and the finiteness check read a value
+back, then walk every tensor with the GPU idle behind them), the exposed communication, offload
+transfers and host Adam (the GPU waits for them), and the optimizer's own kernels at the boundary.
+A run timed as an ordinary loop (RunSpec.timing "wall") also pays the host's work between steps
+(building the next batch), which the model leaves out: it is the data pipeline's, not the step's
+(reports/h200_timing: 1B ZeRO-0 with checkpointing 0.386 s synchronised, 0.575 s as a plain loop).
 """
 
 from __future__ import annotations
@@ -58,6 +75,10 @@ from zeroplan.core.profiles import GPUProfile, ModelProfile
 
 DEFAULT_COMPUTE_EFFICIENCY = 0.45
 MEMORY_TRAFFIC_PER_SAVED_BYTE = 4
+# Host figures for the offload term where the GPU profile has no [host] table: DeepSpeedCPUAdam's
+# elements per second for a whole node (a 2B-sized slice on a 16-core host ran at 4.4e9 on the H200
+# node, reports/host_offload; hosts with fewer cores per GPU are slower, so the default stays below it)
+# and pinned host memory copies at the profile's PCIe figure.
 CPU_ADAM_ELEMS_PER_S_PER_NODE = 2.0e9
 OVERLAP_INTERFERENCE = 0.1
 ADAM_BYTES_PER_ELEM = 32
@@ -69,6 +90,8 @@ DEFAULT_LAYER_OVERHEAD_S = 0.0036081
 DEFAULT_COMPILED_LAYER_OVERHEAD_S = 0.0004155
 DEFAULT_RECOMPUTE_LAYER_OVERHEAD_S = 0.0020231
 DEFAULT_STEP_TENSOR_OVERHEAD_S = 0.0001217
+# GPU-side cost per eager layer pass (small kernels' launch-to-finish tails); 0 until calibrated.
+DEFAULT_LAYER_GPU_S = 0.0
 # Until calibrated: cuBLAS's fallback for misaligned bf16 products ran at about a tenth of peak on
 # the H100 (reports/h100_profile: 2·4096·2048·92553 = 1.55 TFLOP in 15.8 ms, 98 TFLOPS of 989).
 DEFAULT_MISALIGNED_GEMM_EFFICIENCY = 0.099
@@ -155,6 +178,15 @@ def _exposed(comm_s: float, compute_s: float, overlap: bool) -> float:
     return max(comm_s - hidden_behind, 0.0) + OVERLAP_INTERFERENCE * min(comm_s, hidden_behind)
 
 
+def host_offload_rates(gpu: GPUProfile) -> tuple[float, float]:
+    """(bytes/s of a pinned host copy, DeepSpeedCPUAdam elements/s of one node) for the offload
+    term: the GPU profile's [host] table where it was measured (benchmarks/host_offload.py), else
+    the PCIe figure of the profile and CPU_ADAM_ELEMS_PER_S_PER_NODE."""
+    pinned = float(gpu.host.get("pinned_bandwidth_gbps", gpu.pcie_bandwidth_gbps)) * 1e9
+    adam = float(gpu.host.get("cpu_adam_elems_per_s", CPU_ADAM_ELEMS_PER_S_PER_NODE))
+    return pinned, adam
+
+
 def offload_seconds(profile: ModelProfile, shape: TrainShape, plan: Plan, gpu: GPUProfile,
                     accumulation: int) -> float:
     """PCIe transfers and host Adam of one step under optimizer / parameter offload.
@@ -169,14 +201,14 @@ def offload_seconds(profile: ModelProfile, shape: TrainShape, plan: Plan, gpu: G
     on the GPU until then (reports/h100_offload_accum: 2.76 s a step at 4 micro-steps, ZeRO-2 4.14 s)."""
     seconds = 0.0
     partition = _trainable_elems(profile, shape) / plan.world_size
-    pcie = gpu.pcie_bandwidth_gbps * 1e9
+    pcie, adam_elems_per_s = host_offload_rates(gpu)
     if plan.offload_optimizer != "none":
         seconds += (4 + 2) * partition / pcie
         if plan.stage == 2:
             seconds += (accumulation - 1) * 4 * _trainable_elems(profile, shape) / pcie
         elif plan.stage == 3:
             seconds += (accumulation - 1) * 4 * partition / pcie
-        seconds += partition * plan.gpus_per_node / CPU_ADAM_ELEMS_PER_S_PER_NODE
+        seconds += partition * plan.gpus_per_node / adam_elems_per_s
     if plan.offload_params != "none":
         seconds += accumulation * 2 * 2 * count_parameters(profile).total / plan.world_size / pcie
     return seconds
@@ -193,6 +225,7 @@ class StepTerms:
     compiled_layer_passes: float  # layers × micro-steps run by torch.compile'd layers
     recomputed_layer_passes: float  # checkpointed layers × micro-steps (forward run again in backward)
     tensor_visits: float        # trainable tensors visited by DeepSpeed's per-tensor bookkeeping, per step
+    hook_tensor_visits: float   # of those, the visits inside backward (ZeRO-2's per-micro-step hooks), overlapped
     module_passes: float        # ZeRO-3 partitioned modules × micro-steps
     fixed_s: float              # memory-bound work, exposed communication, offload and Adam, per step
     memory_bound_s: float
@@ -286,6 +319,7 @@ def step_terms(profile: ModelProfile, shape: TrainShape, plan: Plan, gpu: GPUPro
         compiled_layer_passes=accumulation * layers if shape.compiled else 0.0,
         recomputed_layer_passes=accumulation * checkpointed_layers(profile, shape),
         tensor_visits=tensors * (accumulation + 1 if plan.stage == 2 else 1),
+        hook_tensor_visits=tensors * accumulation if plan.stage == 2 else 0.0,
         module_passes=(accumulation * partitioned_module_count(profile, plan) * (1 + 0.5 * recomputed_share(profile, shape))
                        if plan.stage == 3 else 0.0),
         fixed_s=accumulation * memory_bound + exposed + offload + optimizer,
@@ -303,19 +337,42 @@ def constants(gpu: GPUProfile) -> dict[str, float]:
         "recompute_layer_overhead_s": float(given.get("recompute_layer_overhead_s", DEFAULT_RECOMPUTE_LAYER_OVERHEAD_S)),
         "step_tensor_overhead_s": float(given.get("step_tensor_overhead_s", DEFAULT_STEP_TENSOR_OVERHEAD_S)),
         "stage3_module_overhead_s": float(given.get("stage3_module_overhead_s", DEFAULT_STAGE3_MODULE_OVERHEAD_S)),
+        "layer_gpu_s": float(given.get("layer_gpu_s", DEFAULT_LAYER_GPU_S)),
     }
 
 
-def seconds_of(terms: StepTerms, gpu: GPUProfile, values: dict[str, float]) -> float:
-    """The step time the terms give under a set of constants."""
+def gpu_seconds(terms: StepTerms, gpu: GPUProfile, values: dict[str, float]) -> float:
+    """The GPU's busy time in the step's forward and backward passes: compute at the calibrated
+    efficiency, the LM head's products on the fallback kernels, memory-bound work and the GPU-side
+    cost of each eager layer pass."""
     peak = gpu.bf16_dense_tflops * 1e12
     compute = terms.compute_flops / (peak * values["compute_efficiency"])
     slow = terms.misaligned_flops * (1 / values["misaligned_gemm_efficiency"] - 1 / values["compute_efficiency"]) / peak
-    return (compute + max(slow, 0.0) + terms.eager_layer_passes * values["layer_overhead_s"]
+    return compute + max(slow, 0.0) + terms.memory_bound_s + terms.eager_layer_passes * values["layer_gpu_s"]
+
+
+def host_seconds(terms: StepTerms, values: dict[str, float]) -> float:
+    """The host's time queueing the same passes: Python and launches per layer pass (eager,
+    compiled, recomputed), ZeRO-3's module hooks and ZeRO-2's per-micro-step gradient hooks."""
+    return (terms.eager_layer_passes * values["layer_overhead_s"]
             + terms.compiled_layer_passes * values["compiled_layer_overhead_s"]
             + terms.recomputed_layer_passes * values["recompute_layer_overhead_s"]
-            + terms.tensor_visits * values["step_tensor_overhead_s"]
-            + terms.module_passes * values["stage3_module_overhead_s"] + terms.fixed_s)
+            + terms.module_passes * values["stage3_module_overhead_s"]
+            + terms.hook_tensor_visits * values["step_tensor_overhead_s"])
+
+
+def serial_seconds(terms: StepTerms, values: dict[str, float]) -> float:
+    """What synchronises host and GPU, so overlaps neither: the boundary's per-tensor bookkeeping,
+    exposed communication, offload transfers and host Adam, the optimizer's kernels."""
+    boundary_visits = terms.tensor_visits - terms.hook_tensor_visits
+    return boundary_visits * values["step_tensor_overhead_s"] + terms.fixed_s - terms.memory_bound_s
+
+
+def seconds_of(terms: StepTerms, gpu: GPUProfile, values: dict[str, float]) -> float:
+    """The step time the terms give under a set of constants: the larger of the GPU's and the
+    host's time for the passes (the host queues ahead, so the smaller one hides behind the larger),
+    plus the serial parts (see the module docstring)."""
+    return max(gpu_seconds(terms, gpu, values), host_seconds(terms, values)) + serial_seconds(terms, values)
 
 
 def step_time(profile: ModelProfile, shape: TrainShape, plan: Plan, gpu: GPUProfile,

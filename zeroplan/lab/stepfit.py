@@ -1,14 +1,18 @@
 """Fit the step-time model's per-GPU constants to measured runs (used by `zeroplan calibrate`).
 
 Every term of zeroplan.core.steptime is a measured quantity (FLOPs, layer passes, tensor visits, module
-passes) times one constant of the GPU and its software stack, so the step time is linear in
-(1/compute_efficiency, 1/misaligned_gemm_efficiency - 1/compute_efficiency, layer_overhead_s,
-compiled_layer_overhead_s, recompute_layer_overhead_s, step_tensor_overhead_s,
-stage3_module_overhead_s). The fit is a
-non-negative least squares on the relative error of each run's step time (a long accumulated step
-and a short one count alike). misaligned_gemm_efficiency is not fitted: it is the measured speed of
-cuBLAS's fallback kernels (a kernel profile), kept from the GPU profile. A constant no run exercises (no compiled run, no ZeRO-3 run, no
-misaligned vocabulary) keeps the GPU profile's current value instead of being fitted.
+passes) times one constant of the GPU and its software stack. The step is the larger of the GPU's
+time and the host's time for the passes, plus the serial parts (zeroplan.core.steptime.seconds_of),
+so each run's time is linear in the constants once it is known which side bounds it: the GPU side
+in (1/compute_efficiency, layer_gpu_s), the host side in (layer_overhead_s,
+compiled_layer_overhead_s, recompute_layer_overhead_s, stage3_module_overhead_s and
+step_tensor_overhead_s for ZeRO-2's hooks), the serial side in step_tensor_overhead_s. The fit
+alternates: label every run GPU- or host-bound under the current constants, solve the non-negative
+least squares of the relative step-time error (a long accumulated step and a short one count alike)
+for those labels, relabel, until the labels stop changing (or 20 rounds, keeping the best). A
+constant no run's active side exercises keeps the GPU profile's current value.
+misaligned_gemm_efficiency is not fitted: it is the measured speed of cuBLAS's fallback kernels (a
+kernel profile), kept from the GPU profile.
 Pure Python: no torch.
 """
 
@@ -21,10 +25,11 @@ from zeroplan.core.tuning import tuned_plan
 from zeroplan.core.errors import InvalidInput
 from zeroplan.core.plan import Plan, TrainShape
 from zeroplan.core.profiles import GPUProfile, ModelProfile, load_gpu, load_model, pad_vocab
-from zeroplan.core.steptime import StepTerms, constants, seconds_of, step_terms
+from zeroplan.core.steptime import StepTerms, constants, gpu_seconds, host_seconds, seconds_of, step_terms
 
 NAMES = ("compute_efficiency", "misaligned_gemm_efficiency", "layer_overhead_s", "compiled_layer_overhead_s",
-         "recompute_layer_overhead_s", "step_tensor_overhead_s", "stage3_module_overhead_s")
+         "recompute_layer_overhead_s", "step_tensor_overhead_s", "stage3_module_overhead_s", "layer_gpu_s")
+MAX_LABEL_ROUNDS = 20
 
 
 @dataclass(frozen=True)
@@ -82,15 +87,27 @@ def predicted_step_s(run: TimedRun, values: dict[str, float] | None = None) -> f
     return seconds_of(run.terms(), run.gpu, values or constants(run.gpu))
 
 
-def _features(run: TimedRun, misaligned_efficiency: float) -> tuple[list[float], float]:
-    """The run's row (what each fitted constant multiplies) and target (measured seconds less the
-    terms no fitted constant scales: memory-bound work, communication, Adam, and the LM head's
-    products on the fallback kernels, whose speed is measured, not fitted)."""
+def _features(run: TimedRun, values: dict[str, float], host_bound: bool) -> tuple[list[float], float]:
+    """The run's row (what each fitted constant multiplies, on the side that bounds it plus the
+    serial side) and target (measured seconds less the terms no fitted constant scales: memory-bound
+    work on the GPU side, communication, offload and Adam, and the LM head's products on the
+    fallback kernels, whose speed is measured, not fitted)."""
     terms, peak = run.terms(), run.gpu.bf16_dense_tflops * 1e12
-    row = [(terms.compute_flops - terms.misaligned_flops) / peak, 0.0, terms.eager_layer_passes,
-           terms.compiled_layer_passes, terms.recomputed_layer_passes, terms.tensor_visits, terms.module_passes]
-    slow = terms.misaligned_flops / peak / misaligned_efficiency
-    return row, run.measured_step_s - terms.fixed_s - slow
+    boundary_visits = terms.tensor_visits - terms.hook_tensor_visits
+    serial_known = terms.fixed_s - terms.memory_bound_s
+    if host_bound:
+        row = [0.0, 0.0, terms.eager_layer_passes, terms.compiled_layer_passes, terms.recomputed_layer_passes,
+               terms.tensor_visits, terms.module_passes, 0.0]
+        return row, run.measured_step_s - serial_known
+    row = [(terms.compute_flops - terms.misaligned_flops) / peak, 0.0, 0.0, 0.0, 0.0, boundary_visits, 0.0,
+           terms.eager_layer_passes]
+    slow = terms.misaligned_flops / peak / values["misaligned_gemm_efficiency"]
+    return row, run.measured_step_s - serial_known - terms.memory_bound_s - slow
+
+
+def _host_bound(run: TimedRun, values: dict[str, float]) -> bool:
+    terms = run.terms()
+    return host_seconds(terms, values) > gpu_seconds(terms, run.gpu, values)
 
 
 def _solve(matrix: list[list[float]], vector: list[float]) -> list[float]:
@@ -110,14 +127,33 @@ def _solve(matrix: list[list[float]], vector: list[float]) -> list[float]:
 
 
 def fit(runs: list[TimedRun], gpu: GPUProfile) -> dict[str, float]:
-    """Non-negative least squares of the relative step-time error over `runs` (all on one GPU
-    kind); returns the seven constants (unexercised ones kept from `gpu`)."""
+    """Fit the constants to `runs` (all on one GPU kind) by alternating the runs' GPU- or host-bound
+    labels and a non-negative least squares of the relative step-time error; returns the eight
+    constants (unexercised ones kept from `gpu`)."""
     if len(runs) < 3:
         raise InvalidInput(f"fitting the step-time model needs at least 3 finished runs, got {len(runs)}")
-    current = constants(gpu)
+    start = constants(gpu)
+    values = dict(start)
+    labels = [_host_bound(run, values) for run in runs]
+    best: tuple[float, dict[str, float]] | None = None
+    for _ in range(MAX_LABEL_ROUNDS):
+        values = _fit_labelled(runs, labels, start)
+        loss = sum((predicted_step_s(run, values) / run.measured_step_s - 1) ** 2 for run in runs)
+        if best is None or loss < best[0]:
+            best = (loss, values)
+        relabelled = [_host_bound(run, values) for run in runs]
+        if relabelled == labels:
+            break
+        labels = relabelled
+    return best[1]
+
+
+def _fit_labelled(runs: list[TimedRun], labels: list[bool], start: dict[str, float]) -> dict[str, float]:
+    """Non-negative least squares of the relative error with each run's bounding side given."""
+    current = dict(start)
     rows, targets = [], []
-    for run in runs:
-        row, target = _features(run, current["misaligned_gemm_efficiency"])
+    for run, host_bound in zip(runs, labels):
+        row, target = _features(run, current, host_bound)
         weight = 1.0 / run.measured_step_s
         rows.append([x * weight for x in row])
         targets.append(target * weight)
@@ -143,7 +179,7 @@ def _coefficients(values: dict[str, float]) -> list[float]:
     inverse = 1 / values["compute_efficiency"]
     return [inverse, 1 / values["misaligned_gemm_efficiency"] - inverse, values["layer_overhead_s"],
             values["compiled_layer_overhead_s"], values["recompute_layer_overhead_s"],
-            values["step_tensor_overhead_s"], values["stage3_module_overhead_s"]]
+            values["step_tensor_overhead_s"], values["stage3_module_overhead_s"], values["layer_gpu_s"]]
 
 
 def _from_coefficient(index: int, value: float, current: dict[str, float]) -> dict[str, float]:
