@@ -10,6 +10,8 @@ several sweeps lands on one side only; reports/h200_timing is held out entirely.
 over the H100 and the H200 (the same GH100 die and host stack: one set of constants, each run under
 its own GPU profile's bandwidths). Offload runs are scored separately: before = the additive model with
 the default offload rates, after = the overlap-aware model with the profile's measured host figures.
+Last, the committed constants (main's, and the profiles' now, both from zeroplan calibrate over the
+calibration sweeps, which do not include h200_timing) on the h200_timing runs and every offload run.
 
     PYTHONPATH=$PWD python benchmarks/steptime_holdout.py --out reports/steptime_overlap/holdout.json
 """
@@ -32,6 +34,12 @@ from zeroplan.lab.stepfit import TimedRun, _solve, fit, steady, timed_run
 from zeroplan.core.profiles import load_gpu
 
 HELD_OUT_SWEEPS = ("h200_timing",)
+OFFLOAD_SWEEPS = ("h100_matrix_offload", "h100_offload_accum", "h200_timing")
+# The H100's [calibrated] step-time constants on main before the overlap-aware model (2026-11-25, 69 runs),
+# which the H200 profile shared: the committed "before".
+MAIN_CONSTANTS = {"compute_efficiency": 0.6513, "misaligned_gemm_efficiency": 0.099, "layer_overhead_s": 0.0039026,
+                  "compiled_layer_overhead_s": 0.0006659, "recompute_layer_overhead_s": 0.0018795,
+                  "step_tensor_overhead_s": 0.0001191, "stage3_module_overhead_s": 0.0011801}
 
 
 def in_fit_half(record: dict) -> bool:
@@ -110,10 +118,35 @@ def old_terms(run: TimedRun) -> StepTerms:
 
 
 def summary(errors: list[float]) -> dict:
-    """Median and worst |relative error| and the count."""
+    """Median, mean and worst |relative error| and the count."""
     absolute = [abs(e) for e in errors]
     return {"runs": len(errors), "median_abs": round(statistics.median(absolute), 4) if absolute else None,
+            "mean_abs": round(statistics.fmean(absolute), 4) if absolute else None,
             "worst_abs": round(max(absolute), 4) if absolute else None}
+
+
+def committed_rows(runs: list[tuple[str, dict, TimedRun]]) -> list[dict]:
+    """The h200_timing runs and every offload run under the committed constants: main's additive
+    model (MAIN_CONSTANTS, offload at the PCIe figure) against the profiles' constants now, and,
+    for offload runs, the term at the Adam kernel's measured rate (cpu_adam_kernel_elems_per_s)."""
+    rows = []
+    for sweep, record, run in runs:
+        offload = run.plan.offload_optimizer != "none" or run.plan.offload_params != "none"
+        if sweep not in HELD_OUT_SWEEPS and not (offload and sweep in OFFLOAD_SWEEPS):
+            continue
+        before = additive_seconds(old_terms(run), run.gpu, {**constants(run.gpu), **MAIN_CONSTANTS})
+        after = seconds_of(run.terms(), run.gpu, constants(run.gpu))
+        row = {"sweep": sweep, "label": run.label, "timing": record["spec"].get("timing", "sync"), "offload": offload,
+               "measured_s": round(run.measured_step_s, 4), "main_s": round(before, 4), "now_s": round(after, 4),
+               "main_error": round(before / run.measured_step_s - 1, 4),
+               "now_error": round(after / run.measured_step_s - 1, 4)}
+        kernel_rate = run.gpu.host.get("cpu_adam_kernel_elems_per_s")
+        if offload and kernel_rate:
+            gpu = dataclasses.replace(run.gpu, host={**run.gpu.host, "cpu_adam_elems_per_s": kernel_rate})
+            kernel = seconds_of(step_terms(run.profile, run.shape, run.plan, gpu, run.accumulation), gpu, constants(gpu))
+            row["adam_kernel_rate_error"] = round(kernel / run.measured_step_s - 1, 4)
+        rows.append(row)
+    return rows
 
 
 def main() -> None:
@@ -153,12 +186,16 @@ def main() -> None:
               "overlap_constants": new_values, "held_out_per_stage": per_stage,
               "offload": {"additive": summary([r["additive_error"] for r in offload]),
                           "overlap": summary([r["overlap_error"] for r in offload])},
-              "rows": rows}
+              "committed": committed_rows(runs), "rows": rows}
     write_atomic(args.out, json.dumps(result, indent=1) + "\n")
-    print(json.dumps({k: v for k, v in result.items() if k != "rows"}, indent=1))
+    print(json.dumps({k: v for k, v in result.items() if k not in ("rows", "committed")}, indent=1))
     for r in rows:
         print(f"{r['sweep']:22s} {r['timing']:4s} z{r['stage']} {r['label'][:58]:58s} {r['measured_s']:7.3f} "
               f"{r['additive_s']:7.3f} {r['additive_error']:+.3f} {r['overlap_s']:7.3f} {r['overlap_error']:+.3f}")
+    print("committed constants (main -> now):")
+    for r in result["committed"]:
+        print(f"{r['sweep']:22s} {r['timing']:4s} {r['label'][:58]:58s} {r['measured_s']:7.3f} {r['main_s']:7.3f} "
+              f"{r['main_error']:+.3f} {r['now_s']:7.3f} {r['now_error']:+.3f} {r.get('adam_kernel_rate_error', '')}")
 
 
 if __name__ == "__main__":

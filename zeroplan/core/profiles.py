@@ -220,9 +220,9 @@ def model_from_data(data: dict[str, Any], where: str, base: Path | None = None) 
     host = data.get("host", {})
     if not isinstance(host, dict) or any(
             not isinstance(host.get(key, 1.0), (int, float)) or isinstance(host.get(key), bool) or host.get(key, 1.0) <= 0
-            for key in ("pinned_bandwidth_gbps", "cpu_adam_elems_per_s")):
-        raise InvalidProfile(f"{where}: [host] must be a table whose pinned_bandwidth_gbps and cpu_adam_elems_per_s "
-                             "are positive numbers")
+            for key in ("pinned_bandwidth_gbps", "cpu_adam_elems_per_s", "cpu_adam_kernel_elems_per_s")):
+        raise InvalidProfile(f"{where}: [host] must be a table whose pinned_bandwidth_gbps, cpu_adam_elems_per_s and "
+                             "cpu_adam_kernel_elems_per_s are positive numbers")
     return ModelProfile(
         name=_field(data, "name", str, where), aliases=tuple(aliases), family=str(data.get("family", "")),
         vision=vision, llm=_llm_from(llm_data, f"{where} [llm]"), downsample_ratio=float(ratio),
@@ -285,9 +285,9 @@ def gpu_from_data(data: dict[str, Any], where: str) -> GPUProfile:
     host = data.get("host", {})
     if not isinstance(host, dict) or any(
             not isinstance(host.get(key, 1.0), (int, float)) or isinstance(host.get(key), bool) or host.get(key, 1.0) <= 0
-            for key in ("pinned_bandwidth_gbps", "cpu_adam_elems_per_s")):
-        raise InvalidProfile(f"{where}: [host] must be a table whose pinned_bandwidth_gbps and cpu_adam_elems_per_s "
-                             "are positive numbers")
+            for key in ("pinned_bandwidth_gbps", "cpu_adam_elems_per_s", "cpu_adam_kernel_elems_per_s")):
+        raise InvalidProfile(f"{where}: [host] must be a table whose pinned_bandwidth_gbps, cpu_adam_elems_per_s and "
+                             "cpu_adam_kernel_elems_per_s are positive numbers")
     return GPUProfile(
         name=_field(data, "name", str, where), aliases=tuple(aliases),
         memory_bytes=_field(data, "memory_bytes", int, where, positive=True),

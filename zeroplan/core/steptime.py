@@ -45,19 +45,23 @@ micro-batch per GPU, plus what a stage does once per step. The figures per term:
   ZeRO-2 partitions gradients, so its hooks reduce every micro-step, not only at the boundary.
   Gradient accumulation spreads the once-per-step part over its micro-steps.
 
-How the terms combine (`seconds_of`): the host queues kernels ahead of the GPU, so the work of a
-micro-step's forward and backward is not the sum of the host's and the GPU's time but the larger of
-the two. The GPU's part is the compute at the calibrated efficiency, the LM head's misaligned
-products, the memory-bound work and a GPU-side cost per eager layer pass (`layer_gpu_s`: the tails of
-dozens of small kernels that no FLOP or byte count sees). The host's part is what Python and the
-launch path spend per layer pass (`layer_overhead_s`, `compiled_layer_overhead_s`,
-`recompute_layer_overhead_s`), ZeRO-3's module hooks and ZeRO-2's per-micro-step gradient hooks:
-all of it runs while earlier kernels execute, and it is exposed only where the host falls behind
-(small micro-batches, small models: the GPU then waits for launches). What synchronises the host
-with the GPU is serial, added after the larger of the two: the optimizer step's per-tensor
-bookkeeping at the accumulation boundary (the gradient norm and the finiteness check read a value
-back, then walk every tensor with the GPU idle behind them), the exposed communication, offload
-transfers and host Adam (the GPU waits for them), and the optimizer's own kernels at the boundary.
+How the terms combine (`seconds_of`): the host queues kernels ahead of the GPU, so the forward and
+backward passes of a step take the larger of the host's and the GPU's time, not their sum, where
+the two overlap perfectly. The GPU's part is the compute at the calibrated efficiency, the LM head's
+misaligned products, the memory-bound work and a GPU-side cost per eager layer pass (`layer_gpu_s`:
+the tails of dozens of small kernels that no FLOP or byte count sees). The host's part is what Python
+and the launch path spend per layer pass (`layer_overhead_s`, `compiled_layer_overhead_s`,
+`recompute_layer_overhead_s`), ZeRO-3's module hooks and ZeRO-2's per-micro-step gradient hooks
+(`grad_hook_overhead_s` per tensor): all of it runs while earlier kernels execute. Overlap is not
+perfect: a pass alternates host-bound stretches (the forward's Python, the vision tower's small
+kernels) with GPU-bound ones (the LLM's GEMMs, the backward), and a pageable input copy at every
+micro-step drains the queue. So the two combine as a power mean, (gpu^k + host^k)^(1/k) with
+k = `overlap_exponent`: k = 1 adds them (no overlap), a large k takes the larger (full overlap), and
+zeroplan calibrate fits k with the rest. What synchronises host and GPU is serial, added after the
+combination: the optimizer step's per-tensor bookkeeping at the accumulation boundary (the gradient
+norm and the finiteness check read a value back, then walk every tensor with the GPU idle behind
+them: `step_tensor_overhead_s`), the exposed communication, offload transfers and host Adam (the GPU
+waits for them), and the optimizer's own kernels at the boundary.
 A run timed as an ordinary loop (RunSpec.timing "wall") also pays the host's work between steps
 (building the next batch), which the model leaves out: it is the data pipeline's, not the step's
 (reports/h200_timing: 1B ZeRO-0 with checkpointing 0.386 s synchronised, 0.575 s as a plain loop).
@@ -75,10 +79,12 @@ from zeroplan.core.profiles import GPUProfile, ModelProfile
 
 DEFAULT_COMPUTE_EFFICIENCY = 0.45
 MEMORY_TRAFFIC_PER_SAVED_BYTE = 4
-# Host figures for the offload term where the GPU profile has no [host] table: DeepSpeedCPUAdam's
-# elements per second for a whole node (a 2B-sized slice on a 16-core host ran at 4.4e9 on the H200
-# node, reports/host_offload; hosts with fewer cores per GPU are slower, so the default stays below it)
-# and pinned host memory copies at the profile's PCIe figure.
+# Elements per second of DeepSpeed's whole host-side optimizer step under optimizer offload, for a node:
+# Adam plus the gradient norm, the finiteness check and the copies it runs over the host partition. The
+# Adam kernel alone is faster (4.4e9 elements/s with 16 threads on the H200 node, reports/host_offload),
+# but the 2B ZeRO-1 offloaded step there spent about 1.1 s of host time on 2.2e9 elements
+# (reports/h200_timing, reports/steptime_overlap), as this figure gives. A GPU profile's [host] table
+# may set cpu_adam_elems_per_s (the whole host step's rate) and pinned_bandwidth_gbps (pinned copies).
 CPU_ADAM_ELEMS_PER_S_PER_NODE = 2.0e9
 OVERLAP_INTERFERENCE = 0.1
 ADAM_BYTES_PER_ELEM = 32
@@ -90,8 +96,12 @@ DEFAULT_LAYER_OVERHEAD_S = 0.0036081
 DEFAULT_COMPILED_LAYER_OVERHEAD_S = 0.0004155
 DEFAULT_RECOMPUTE_LAYER_OVERHEAD_S = 0.0020231
 DEFAULT_STEP_TENSOR_OVERHEAD_S = 0.0001217
-# GPU-side cost per eager layer pass (small kernels' launch-to-finish tails); 0 until calibrated.
+# GPU-side cost per eager layer pass (small kernels' launch-to-finish tails), ZeRO-2's gradient hook per
+# tensor and micro-step, and how host and GPU time combine (1: added, large: the larger of the two).
+# Until a GPU is calibrated: what zeroplan calibrate gives on the H100 and H200 runs (profiles say which).
 DEFAULT_LAYER_GPU_S = 0.0
+DEFAULT_GRAD_HOOK_OVERHEAD_S = 0.0001217
+DEFAULT_OVERLAP_EXPONENT = 1.0
 # Until calibrated: cuBLAS's fallback for misaligned bf16 products ran at about a tenth of peak on
 # the H100 (reports/h100_profile: 2·4096·2048·92553 = 1.55 TFLOP in 15.8 ms, 98 TFLOPS of 989).
 DEFAULT_MISALIGNED_GEMM_EFFICIENCY = 0.099
@@ -179,9 +189,9 @@ def _exposed(comm_s: float, compute_s: float, overlap: bool) -> float:
 
 
 def host_offload_rates(gpu: GPUProfile) -> tuple[float, float]:
-    """(bytes/s of a pinned host copy, DeepSpeedCPUAdam elements/s of one node) for the offload
-    term: the GPU profile's [host] table where it was measured (benchmarks/host_offload.py), else
-    the PCIe figure of the profile and CPU_ADAM_ELEMS_PER_S_PER_NODE."""
+    """(bytes/s of a pinned host copy, elements/s of one node's host-side optimizer step) for the
+    offload term: the GPU profile's [host] table where it was measured (benchmarks/host_offload.py
+    measures the copies), else the profile's PCIe figure and CPU_ADAM_ELEMS_PER_S_PER_NODE."""
     pinned = float(gpu.host.get("pinned_bandwidth_gbps", gpu.pcie_bandwidth_gbps)) * 1e9
     adam = float(gpu.host.get("cpu_adam_elems_per_s", CPU_ADAM_ELEMS_PER_S_PER_NODE))
     return pinned, adam
@@ -225,7 +235,7 @@ class StepTerms:
     compiled_layer_passes: float  # layers × micro-steps run by torch.compile'd layers
     recomputed_layer_passes: float  # checkpointed layers × micro-steps (forward run again in backward)
     tensor_visits: float        # trainable tensors visited by DeepSpeed's per-tensor bookkeeping, per step
-    hook_tensor_visits: float   # of those, the visits inside backward (ZeRO-2's per-micro-step hooks), overlapped
+    hook_tensor_visits: float   # of those, ZeRO-2's per-micro-step gradient hooks inside backward (host, overlapped)
     module_passes: float        # ZeRO-3 partitioned modules × micro-steps
     fixed_s: float              # memory-bound work, exposed communication, offload and Adam, per step
     memory_bound_s: float
@@ -338,6 +348,8 @@ def constants(gpu: GPUProfile) -> dict[str, float]:
         "step_tensor_overhead_s": float(given.get("step_tensor_overhead_s", DEFAULT_STEP_TENSOR_OVERHEAD_S)),
         "stage3_module_overhead_s": float(given.get("stage3_module_overhead_s", DEFAULT_STAGE3_MODULE_OVERHEAD_S)),
         "layer_gpu_s": float(given.get("layer_gpu_s", DEFAULT_LAYER_GPU_S)),
+        "grad_hook_overhead_s": float(given.get("grad_hook_overhead_s", DEFAULT_GRAD_HOOK_OVERHEAD_S)),
+        "overlap_exponent": float(given.get("overlap_exponent", DEFAULT_OVERLAP_EXPONENT)),
     }
 
 
@@ -358,7 +370,7 @@ def host_seconds(terms: StepTerms, values: dict[str, float]) -> float:
             + terms.compiled_layer_passes * values["compiled_layer_overhead_s"]
             + terms.recomputed_layer_passes * values["recompute_layer_overhead_s"]
             + terms.module_passes * values["stage3_module_overhead_s"]
-            + terms.hook_tensor_visits * values["step_tensor_overhead_s"])
+            + terms.hook_tensor_visits * values["grad_hook_overhead_s"])
 
 
 def serial_seconds(terms: StepTerms, values: dict[str, float]) -> float:
@@ -368,11 +380,21 @@ def serial_seconds(terms: StepTerms, values: dict[str, float]) -> float:
     return boundary_visits * values["step_tensor_overhead_s"] + terms.fixed_s - terms.memory_bound_s
 
 
+def overlapped(gpu_s: float, host_s: float, exponent: float) -> float:
+    """Host and GPU time of the same passes combined: their power mean of order `exponent` (1 adds
+    them; as it grows the result falls towards the larger; never below the larger, never above the
+    sum)."""
+    larger = max(gpu_s, host_s)
+    if larger <= 0:
+        return 0.0
+    return larger * ((gpu_s / larger) ** exponent + (host_s / larger) ** exponent) ** (1 / exponent)
+
+
 def seconds_of(terms: StepTerms, gpu: GPUProfile, values: dict[str, float]) -> float:
-    """The step time the terms give under a set of constants: the larger of the GPU's and the
-    host's time for the passes (the host queues ahead, so the smaller one hides behind the larger),
-    plus the serial parts (see the module docstring)."""
-    return max(gpu_seconds(terms, gpu, values), host_seconds(terms, values)) + serial_seconds(terms, values)
+    """The step time the terms give under a set of constants: the GPU's and the host's time for the
+    passes combined as the host queues ahead, plus the serial parts (see the module docstring)."""
+    return (overlapped(gpu_seconds(terms, gpu, values), host_seconds(terms, values), values["overlap_exponent"])
+            + serial_seconds(terms, values))
 
 
 def step_time(profile: ModelProfile, shape: TrainShape, plan: Plan, gpu: GPUProfile,
