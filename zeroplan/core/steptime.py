@@ -42,7 +42,9 @@ micro-batch per GPU, plus what a stage does once per step. The figures per term:
   trainable tensor at the accumulation boundary (its gradient hook reduces it into the flat
   partition; the gradient norm and the finiteness checks run per tensor: 661 tensors on 2B, about
   13,800 launches, reports/h100_profile), `step_tensor_overhead_s` each, once per optimizer step.
-  ZeRO-2 partitions gradients, so its hooks reduce every micro-step, not only at the boundary.
+  ZeRO-2 partitions gradients, so its hooks reduce every micro-step, not only at the boundary:
+  `grad_hook_overhead_s` per tensor and micro-step, host work inside the backward (with optimizer
+  offload each hook also moves the gradient through host memory and counts as boundary work).
   Gradient accumulation spreads the once-per-step part over its micro-steps.
 
 How the terms combine (`seconds_of`): the host queues kernels ahead of the GPU, so the forward and
@@ -329,7 +331,10 @@ def step_terms(profile: ModelProfile, shape: TrainShape, plan: Plan, gpu: GPUPro
         compiled_layer_passes=accumulation * layers if shape.compiled else 0.0,
         recomputed_layer_passes=accumulation * checkpointed_layers(profile, shape),
         tensor_visits=tensors * (accumulation + 1 if plan.stage == 2 else 1),
-        hook_tensor_visits=tensors * accumulation if plan.stage == 2 else 0.0,
+        # ZeRO-2's hooks overlap the backward unless they offload: then every hook moves its
+        # gradient through the host buffer (async_accumulate_grad_in_cpu_via_gpu), which waits like
+        # the boundary's per-tensor work (reports/h100_offload_accum: 4.14 s at 4 micro-steps).
+        hook_tensor_visits=tensors * accumulation if plan.stage == 2 and plan.offload_optimizer == "none" else 0.0,
         module_passes=(accumulation * partitioned_module_count(profile, plan) * (1 + 0.5 * recomputed_share(profile, shape))
                        if plan.stage == 3 else 0.0),
         fixed_s=accumulation * memory_bound + exposed + offload + optimizer,
