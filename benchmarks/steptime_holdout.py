@@ -48,14 +48,15 @@ def in_fit_half(record: dict) -> bool:
     return hashlib.sha256(point.encode()).digest()[0] % 2 == 0
 
 
-def load_runs(root: Path) -> list[tuple[str, dict, TimedRun]]:
-    """(sweep, record, run) for every steady finished run of the H100 and H200 sweeps."""
+def load_runs(root: Path, steady_only: bool = True) -> list[tuple[str, dict, TimedRun]]:
+    """(sweep, record, run) for every steady (or, with steady_only False, every) finished run of the
+    H100 and H200 sweeps."""
     out = []
     paths = sorted(glob.glob(str(root / "h100_*" / "results.jsonl")) + glob.glob(str(root / "h200_*" / "results.jsonl")))
     for path in paths:
         sweep = Path(path).parent.name
         for record in read(Path(path)).records:
-            run = timed_run(record) if steady(record) else None
+            run = timed_run(record) if steady(record) or not steady_only else None
             if run is not None:
                 out.append((sweep, record, run))
     return out
@@ -126,7 +127,8 @@ def summary(errors: list[float]) -> dict:
 
 
 def committed_rows(runs: list[tuple[str, dict, TimedRun]]) -> list[dict]:
-    """The h200_timing runs and every offload run under the committed constants: main's additive
+    """The h200_timing runs and every offload run (unsteady ones too, marked: ZeRO-3 with parameter
+    offload ran 3 warm-up micro-steps, one short of stepfit.steady) under the committed constants: main's additive
     model (MAIN_CONSTANTS, offload at the PCIe figure) against the profiles' constants now, and,
     for offload runs, the term at the Adam kernel's measured rate (cpu_adam_kernel_elems_per_s)."""
     rows = []
@@ -137,6 +139,7 @@ def committed_rows(runs: list[tuple[str, dict, TimedRun]]) -> list[dict]:
         before = additive_seconds(old_terms(run), run.gpu, {**constants(run.gpu), **MAIN_CONSTANTS})
         after = seconds_of(run.terms(), run.gpu, constants(run.gpu))
         row = {"sweep": sweep, "label": run.label, "timing": record["spec"].get("timing", "sync"), "offload": offload,
+               "steady": steady(record),
                "measured_s": round(run.measured_step_s, 4), "main_s": round(before, 4), "now_s": round(after, 4),
                "main_error": round(before / run.measured_step_s - 1, 4),
                "now_error": round(after / run.measured_step_s - 1, 4)}
@@ -186,7 +189,7 @@ def main() -> None:
               "overlap_constants": new_values, "held_out_per_stage": per_stage,
               "offload": {"additive": summary([r["additive_error"] for r in offload]),
                           "overlap": summary([r["overlap_error"] for r in offload])},
-              "committed": committed_rows(runs), "rows": rows}
+              "committed": committed_rows(load_runs(args.reports, steady_only=False)), "rows": rows}
     write_atomic(args.out, json.dumps(result, indent=1) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k not in ("rows", "committed")}, indent=1))
     for r in rows:

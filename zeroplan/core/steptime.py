@@ -56,10 +56,11 @@ and the launch path spend per layer pass (`layer_overhead_s`, `compiled_layer_ov
 `recompute_layer_overhead_s`), ZeRO-3's module hooks and ZeRO-2's per-micro-step gradient hooks
 (`grad_hook_overhead_s` per tensor): all of it runs while earlier kernels execute. Overlap is not
 perfect: a pass alternates host-bound stretches (the forward's Python, the vision tower's small
-kernels) with GPU-bound ones (the LLM's GEMMs, the backward), and a pageable input copy at every
-micro-step drains the queue. So the two combine as a power mean, (gpu^k + host^k)^(1/k) with
-k = `overlap_exponent`: k = 1 adds them (no overlap), a large k takes the larger (full overlap), and
-zeroplan calibrate fits k with the rest. What synchronises host and GPU is serial, added after the
+kernels) with GPU-bound ones (the LLM's GEMMs, the backward), and whatever copies from pageable
+host memory or reads a value back drains the queue. So the two combine as a power mean,
+(gpu^k + host^k)^(1/k) with k = `overlap_exponent`: k = 1 adds them (no overlap), a large k takes the
+larger (full overlap), and zeroplan calibrate fits k with the rest. On the committed H100 runs the fit
+picks k = 1: those runs do not show the host hiding behind the GPU (reports/steptime_overlap). What synchronises host and GPU is serial, added after the
 combination: the optimizer step's per-tensor bookkeeping at the accumulation boundary (the gradient
 norm and the finiteness check read a value back, then walk every tensor with the GPU idle behind
 them: `step_tensor_overhead_s`), the exposed communication, offload transfers and host Adam (the GPU
@@ -91,8 +92,10 @@ CPU_ADAM_ELEMS_PER_S_PER_NODE = 2.0e9
 OVERLAP_INTERFERENCE = 0.1
 ADAM_BYTES_PER_ELEM = 32
 # Host-side costs (Python, DeepSpeed's hooks, kernel launches) are properties of the software stack
-# and the host CPU more than of the GPU. Until a GPU is calibrated it takes the H100's, fitted by
-# zeroplan calibrate over 61 H100 runs (2026-11-25; zeroplan/profiles/gpus/h100-80gb.toml says which).
+# and the host CPU more than of the GPU. Until a GPU is calibrated it takes an earlier H100 fit of the
+# additive model (61 H100 runs, 2026-11-25): with DEFAULT_OVERLAP_EXPONENT 1, DEFAULT_LAYER_GPU_S 0 and
+# ZeRO-2's hooks at the per-tensor figure they give that model's figures unchanged. The calibrated
+# H100 and H200 profiles carry the refit (reports/steptime_overlap).
 DEFAULT_STAGE3_MODULE_OVERHEAD_S = 0.0018677
 DEFAULT_LAYER_OVERHEAD_S = 0.0036081
 DEFAULT_COMPILED_LAYER_OVERHEAD_S = 0.0004155
@@ -100,7 +103,6 @@ DEFAULT_RECOMPUTE_LAYER_OVERHEAD_S = 0.0020231
 DEFAULT_STEP_TENSOR_OVERHEAD_S = 0.0001217
 # GPU-side cost per eager layer pass (small kernels' launch-to-finish tails), ZeRO-2's gradient hook per
 # tensor and micro-step, and how host and GPU time combine (1: added, large: the larger of the two).
-# Until a GPU is calibrated: what zeroplan calibrate gives on the H100 and H200 runs (profiles say which).
 DEFAULT_LAYER_GPU_S = 0.0
 DEFAULT_GRAD_HOOK_OVERHEAD_S = 0.0001217
 DEFAULT_OVERLAP_EXPONENT = 1.0
