@@ -203,12 +203,13 @@ def test_a_cluster_files_gpus_per_node_is_the_default(capsys, tmp_path):
     assert isinstance(Network(), Network)
 
 
-@pytest.mark.parametrize("stage,before", [(0, 6.953355994847231), (1, 6.925092216031231),
-                                          (2, 7.645477555110342), (3, 12.26220647432101)])
+@pytest.mark.parametrize("stage,before", [(0, 20.666136310937393), (1, 20.623740642713393),
+                                          (2, 21.370363851332062), (3, 29.06721643014806)])
 def test_one_node_predictions_move_by_less_than_half_a_percent(stage, before):
-    # Step times of 8B on one node of 8 H100s, 8 micro-steps, before issue 18 (branch layering).
+    # Step times of 8B on one node of 8 A100-80GB (an uncalibrated profile, so a refit of the H100
+    # constants does not move them), 8 micro-steps, before issue 18 (branch layering, d2af808).
     # Deliberate change: a latency per ring hop and the last gradient bucket / first gather and
     # last reduce-scatter exposed; over NVLink these add well under 1 %.
     plan = Plan(stage=stage, gpus_per_node=8)
-    after = step_time(load_model("8b"), TrainShape(seq_len=4096, tiles=7), plan, load_gpu("h100"), 8).step_s
+    after = step_time(load_model("8b"), TrainShape(seq_len=4096, tiles=7), plan, load_gpu("a100-80gb"), 8).step_s
     assert after >= before and after == pytest.approx(before, rel=0.005)

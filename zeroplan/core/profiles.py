@@ -41,7 +41,8 @@ CALIBRATED_RANGES: dict[str, tuple[type, float, float]] = {
     "compute_efficiency": (float, 1e-6, 1.0), "misaligned_gemm_efficiency": (float, 1e-6, 1.0),
     "layer_overhead_s": (float, 0.0, 10.0), "compiled_layer_overhead_s": (float, 0.0, 10.0),
     "recompute_layer_overhead_s": (float, 0.0, 10.0), "step_tensor_overhead_s": (float, 0.0, 10.0),
-    "stage3_module_overhead_s": (float, 0.0, 10.0),
+    "stage3_module_overhead_s": (float, 0.0, 10.0), "layer_gpu_s": (float, 0.0, 10.0),
+    "grad_hook_overhead_s": (float, 0.0, 10.0), "overlap_exponent": (float, 1.0, 64.0),
     "allocator_replay_median_error": (float, 0.0, 1e6), "allocator_replay_worst_error": (float, 0.0, 1e6),
 }
 
@@ -131,6 +132,7 @@ class GPUProfile:
     path: str = ""
     host_memory_bytes_per_node: int = 0  # a typical node's RAM, assumed when neither probed nor stated (0: unknown)
     host_memory_source: str = ""
+    host: dict[str, Any] = field(default_factory=dict)  # measured host figures (offload), with a source
 
 
 def _read_data_file(path: Path) -> dict[str, Any]:
@@ -334,6 +336,12 @@ def gpu_from_data(data: dict[str, Any], where: str) -> GPUProfile:
     aliases = data.get("aliases", [])
     if not isinstance(aliases, list) or not all(isinstance(a, str) for a in aliases):
         raise InvalidProfile(f"{where}: 'aliases' must be a list of strings")
+    host = data.get("host", {})
+    if not isinstance(host, dict) or any(
+            not isinstance(host.get(key, 1.0), (int, float)) or isinstance(host.get(key), bool) or host.get(key, 1.0) <= 0
+            for key in ("pinned_bandwidth_gbps", "cpu_adam_elems_per_s", "cpu_adam_kernel_elems_per_s")):
+        raise InvalidProfile(f"{where}: [host] must be a table whose pinned_bandwidth_gbps, cpu_adam_elems_per_s and "
+                             "cpu_adam_kernel_elems_per_s are positive numbers")
     return GPUProfile(
         name=_field(data, "name", str, where), aliases=tuple(aliases),
         memory_bytes=memory_bytes,
@@ -346,7 +354,7 @@ def gpu_from_data(data: dict[str, Any], where: str) -> GPUProfile:
         cuda_context_bytes=context, source=str(data.get("source", "")), calibrated=calibrated, path=where,
         host_memory_bytes_per_node=_field(data, "host_memory_gib_per_node", int, where, positive=True) * 2**30
         if "host_memory_gib_per_node" in data else 0,
-        host_memory_source=str(data.get("host_memory_source", "")),
+        host_memory_source=str(data.get("host_memory_source", "")), host=dict(host),
     )
 
 

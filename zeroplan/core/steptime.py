@@ -44,8 +44,32 @@ micro-batch per GPU, plus what a stage does once per step. The figures per term:
   trainable tensor at the accumulation boundary (its gradient hook reduces it into the flat
   partition; the gradient norm and the finiteness checks run per tensor: 661 tensors on 2B, about
   13,800 launches, reports/h100_profile), `step_tensor_overhead_s` each, once per optimizer step.
-  ZeRO-2 partitions gradients, so its hooks reduce every micro-step, not only at the boundary.
+  ZeRO-2 partitions gradients, so its hooks reduce every micro-step, not only at the boundary:
+  `grad_hook_overhead_s` per tensor and micro-step, host work inside the backward (with optimizer
+  offload each hook also moves the gradient through host memory and counts as boundary work).
   Gradient accumulation spreads the once-per-step part over its micro-steps.
+
+How the terms combine (`seconds_of`): the host queues kernels ahead of the GPU, so the forward and
+backward passes of a step take the larger of the host's and the GPU's time, not their sum, where
+the two overlap perfectly. The GPU's part is the compute at the calibrated efficiency, the LM head's
+misaligned products, the memory-bound work and a GPU-side cost per eager layer pass (`layer_gpu_s`:
+the tails of dozens of small kernels that no FLOP or byte count sees). The host's part is what Python
+and the launch path spend per layer pass (`layer_overhead_s`, `compiled_layer_overhead_s`,
+`recompute_layer_overhead_s`), ZeRO-3's module hooks and ZeRO-2's per-micro-step gradient hooks
+(`grad_hook_overhead_s` per tensor): all of it runs while earlier kernels execute. Overlap is not
+perfect: a pass alternates host-bound stretches (the forward's Python, the vision tower's small
+kernels) with GPU-bound ones (the LLM's GEMMs, the backward), and whatever copies from pageable
+host memory or reads a value back drains the queue. So the two combine as a power mean,
+(gpu^k + host^k)^(1/k) with k = `overlap_exponent`: k = 1 adds them (no overlap), a large k takes the
+larger (full overlap), and zeroplan calibrate fits k with the rest. On the committed H100 runs the fit
+picks k = 1: those runs do not show the host hiding behind the GPU (reports/steptime_overlap). What synchronises host and GPU is serial, added after the
+combination: the optimizer step's per-tensor bookkeeping at the accumulation boundary (the gradient
+norm and the finiteness check read a value back, then walk every tensor with the GPU idle behind
+them: `step_tensor_overhead_s`), the exposed communication, offload transfers and host Adam (the GPU
+waits for them), and the optimizer's own kernels at the boundary.
+A run timed as an ordinary loop (RunSpec.timing "wall") also pays the host's work between steps
+(building the next batch), which the model leaves out: it is the data pipeline's, not the step's
+(reports/h200_timing: 1B ZeRO-0 with checkpointing 0.386 s synchronised, 0.575 s as a plain loop).
 """
 
 from __future__ import annotations
@@ -61,17 +85,30 @@ from zeroplan.core.profiles import GPUProfile, ModelProfile
 
 DEFAULT_COMPUTE_EFFICIENCY = 0.45
 MEMORY_TRAFFIC_PER_SAVED_BYTE = 4
+# Elements per second of DeepSpeed's whole host-side optimizer step under optimizer offload, for a node:
+# Adam plus the gradient norm, the finiteness check and the copies it runs over the host partition. The
+# Adam kernel alone is faster (4.4e9 elements/s with 16 threads on the H200 node, reports/host_offload),
+# but the 2B ZeRO-1 offloaded step there spent about 1.1 s of host time on 2.2e9 elements
+# (reports/h200_timing, reports/steptime_overlap), as this figure gives. A GPU profile's [host] table
+# may set cpu_adam_elems_per_s (the whole host step's rate) and pinned_bandwidth_gbps (pinned copies).
 CPU_ADAM_ELEMS_PER_S_PER_NODE = 2.0e9
 OVERLAP_INTERFERENCE = 0.1
 ADAM_BYTES_PER_ELEM = 32
 # Host-side costs (Python, DeepSpeed's hooks, kernel launches) are properties of the software stack
-# and the host CPU more than of the GPU. Until a GPU is calibrated it takes the H100's, fitted by
-# zeroplan calibrate over 61 H100 runs (2026-11-25; zeroplan/profiles/gpus/h100-80gb.toml says which).
+# and the host CPU more than of the GPU. Until a GPU is calibrated it takes an earlier H100 fit of the
+# additive model (61 H100 runs, 2026-11-25): with DEFAULT_OVERLAP_EXPONENT 1, DEFAULT_LAYER_GPU_S 0 and
+# ZeRO-2's hooks at the per-tensor figure they give that model's figures unchanged. The calibrated
+# H100 and H200 profiles carry the refit (reports/steptime_overlap).
 DEFAULT_STAGE3_MODULE_OVERHEAD_S = 0.0018677
 DEFAULT_LAYER_OVERHEAD_S = 0.0036081
 DEFAULT_COMPILED_LAYER_OVERHEAD_S = 0.0004155
 DEFAULT_RECOMPUTE_LAYER_OVERHEAD_S = 0.0020231
 DEFAULT_STEP_TENSOR_OVERHEAD_S = 0.0001217
+# GPU-side cost per eager layer pass (small kernels' launch-to-finish tails), ZeRO-2's gradient hook per
+# tensor and micro-step, and how host and GPU time combine (1: added, large: the larger of the two).
+DEFAULT_LAYER_GPU_S = 0.0
+DEFAULT_GRAD_HOOK_OVERHEAD_S = 0.0001217
+DEFAULT_OVERLAP_EXPONENT = 1.0
 # Until calibrated: cuBLAS's fallback for misaligned bf16 products ran at about a tenth of peak on
 # the H100 (reports/h100_profile: 2·4096·2048·92553 = 1.55 TFLOP in 15.8 ms, 98 TFLOPS of 989).
 DEFAULT_MISALIGNED_GEMM_EFFICIENCY = 0.099
@@ -147,6 +184,15 @@ def _exposed(comm_s: float, compute_s: float, overlap: bool) -> float:
     return max(comm_s - hidden_behind, 0.0) + OVERLAP_INTERFERENCE * min(comm_s, hidden_behind)
 
 
+def host_offload_rates(gpu: GPUProfile) -> tuple[float, float]:
+    """(bytes/s of a pinned host copy, elements/s of one node's host-side optimizer step) for the
+    offload term: the GPU profile's [host] table where it was measured (benchmarks/host_offload.py
+    measures the copies), else the profile's PCIe figure and CPU_ADAM_ELEMS_PER_S_PER_NODE."""
+    pinned = float(gpu.host.get("pinned_bandwidth_gbps", gpu.pcie_bandwidth_gbps)) * 1e9
+    adam = float(gpu.host.get("cpu_adam_elems_per_s", CPU_ADAM_ELEMS_PER_S_PER_NODE))
+    return pinned, adam
+
+
 def offload_seconds(profile: ModelProfile, shape: TrainShape, plan: Plan, gpu: GPUProfile,
                     accumulation: int) -> float:
     """PCIe transfers and host Adam of one step under optimizer / parameter offload.
@@ -161,14 +207,14 @@ def offload_seconds(profile: ModelProfile, shape: TrainShape, plan: Plan, gpu: G
     on the GPU until then (reports/h100_offload_accum: 2.76 s a step at 4 micro-steps, ZeRO-2 4.14 s)."""
     seconds = 0.0
     partition = _trainable_elems(profile, shape) / plan.world_size
-    pcie = gpu.pcie_bandwidth_gbps * 1e9
+    pcie, adam_elems_per_s = host_offload_rates(gpu)
     if plan.offload_optimizer != "none":
         seconds += (4 + 2) * partition / pcie
         if plan.stage == 2:
             seconds += (accumulation - 1) * 4 * _trainable_elems(profile, shape) / pcie
         elif plan.stage == 3:
             seconds += (accumulation - 1) * 4 * partition / pcie
-        seconds += partition * plan.gpus_per_node / CPU_ADAM_ELEMS_PER_S_PER_NODE
+        seconds += partition * plan.gpus_per_node / adam_elems_per_s
     if plan.offload_params != "none":
         seconds += accumulation * 2 * 2 * count_parameters(profile).total / plan.world_size / pcie
     return seconds
@@ -185,6 +231,7 @@ class StepTerms:
     compiled_layer_passes: float  # layers × micro-steps run by torch.compile'd layers
     recomputed_layer_passes: float  # checkpointed layers × micro-steps (forward run again in backward)
     tensor_visits: float        # trainable tensors visited by DeepSpeed's per-tensor bookkeeping, per step
+    hook_tensor_visits: float   # of those, ZeRO-2's per-micro-step gradient hooks inside backward (host, overlapped)
     module_passes: float        # ZeRO-3 partitioned modules × micro-steps
     fixed_s: float              # memory-bound work, exposed communication, offload and Adam, per step
     memory_bound_s: float
@@ -281,6 +328,10 @@ def step_terms(profile: ModelProfile, shape: TrainShape, plan: Plan, gpu: GPUPro
         compiled_layer_passes=accumulation * layers if shape.compiled else 0.0,
         recomputed_layer_passes=accumulation * checkpointed_layers(profile, shape),
         tensor_visits=tensors * (accumulation + 1 if plan.stage == 2 else 1),
+        # ZeRO-2's hooks overlap the backward unless they offload: then every hook moves its
+        # gradient through the host buffer (async_accumulate_grad_in_cpu_via_gpu), which waits like
+        # the boundary's per-tensor work (reports/h100_offload_accum: 4.14 s at 4 micro-steps).
+        hook_tensor_visits=tensors * accumulation if plan.stage == 2 and plan.offload_optimizer == "none" else 0.0,
         module_passes=(accumulation * partitioned_module_count(profile, plan) * (1 + 0.5 * recomputed_share(profile, shape))
                        if plan.stage == 3 else 0.0),
         fixed_s=accumulation * memory_bound + exposed + offload + optimizer,
@@ -298,19 +349,54 @@ def constants(gpu: GPUProfile) -> dict[str, float]:
         "recompute_layer_overhead_s": float(given.get("recompute_layer_overhead_s", DEFAULT_RECOMPUTE_LAYER_OVERHEAD_S)),
         "step_tensor_overhead_s": float(given.get("step_tensor_overhead_s", DEFAULT_STEP_TENSOR_OVERHEAD_S)),
         "stage3_module_overhead_s": float(given.get("stage3_module_overhead_s", DEFAULT_STAGE3_MODULE_OVERHEAD_S)),
+        "layer_gpu_s": float(given.get("layer_gpu_s", DEFAULT_LAYER_GPU_S)),
+        "grad_hook_overhead_s": float(given.get("grad_hook_overhead_s", DEFAULT_GRAD_HOOK_OVERHEAD_S)),
+        "overlap_exponent": float(given.get("overlap_exponent", DEFAULT_OVERLAP_EXPONENT)),
     }
 
 
-def seconds_of(terms: StepTerms, gpu: GPUProfile, values: dict[str, float]) -> float:
-    """The step time the terms give under a set of constants."""
+def gpu_seconds(terms: StepTerms, gpu: GPUProfile, values: dict[str, float]) -> float:
+    """The GPU's busy time in the step's forward and backward passes: compute at the calibrated
+    efficiency, the LM head's products on the fallback kernels, memory-bound work and the GPU-side
+    cost of each eager layer pass."""
     peak = gpu.bf16_dense_tflops * 1e12
     compute = terms.compute_flops / (peak * values["compute_efficiency"])
     slow = terms.misaligned_flops * (1 / values["misaligned_gemm_efficiency"] - 1 / values["compute_efficiency"]) / peak
-    return (compute + max(slow, 0.0) + terms.eager_layer_passes * values["layer_overhead_s"]
+    return compute + max(slow, 0.0) + terms.memory_bound_s + terms.eager_layer_passes * values["layer_gpu_s"]
+
+
+def host_seconds(terms: StepTerms, values: dict[str, float]) -> float:
+    """The host's time queueing the same passes: Python and launches per layer pass (eager,
+    compiled, recomputed), ZeRO-3's module hooks and ZeRO-2's per-micro-step gradient hooks."""
+    return (terms.eager_layer_passes * values["layer_overhead_s"]
             + terms.compiled_layer_passes * values["compiled_layer_overhead_s"]
             + terms.recomputed_layer_passes * values["recompute_layer_overhead_s"]
-            + terms.tensor_visits * values["step_tensor_overhead_s"]
-            + terms.module_passes * values["stage3_module_overhead_s"] + terms.fixed_s)
+            + terms.module_passes * values["stage3_module_overhead_s"]
+            + terms.hook_tensor_visits * values["grad_hook_overhead_s"])
+
+
+def serial_seconds(terms: StepTerms, values: dict[str, float]) -> float:
+    """What synchronises host and GPU, so overlaps neither: the boundary's per-tensor bookkeeping,
+    exposed communication, offload transfers and host Adam, the optimizer's kernels."""
+    boundary_visits = terms.tensor_visits - terms.hook_tensor_visits
+    return boundary_visits * values["step_tensor_overhead_s"] + terms.fixed_s - terms.memory_bound_s
+
+
+def overlapped(gpu_s: float, host_s: float, exponent: float) -> float:
+    """Host and GPU time of the same passes combined: their power mean of order `exponent` (1 adds
+    them; as it grows the result falls towards the larger; never below the larger, never above the
+    sum)."""
+    larger = max(gpu_s, host_s)
+    if larger <= 0:
+        return 0.0
+    return larger * ((gpu_s / larger) ** exponent + (host_s / larger) ** exponent) ** (1 / exponent)
+
+
+def seconds_of(terms: StepTerms, gpu: GPUProfile, values: dict[str, float]) -> float:
+    """The step time the terms give under a set of constants: the GPU's and the host's time for the
+    passes combined as the host queues ahead, plus the serial parts (see the module docstring)."""
+    return (overlapped(gpu_seconds(terms, gpu, values), host_seconds(terms, values), values["overlap_exponent"])
+            + serial_seconds(terms, values))
 
 
 def step_time(profile: ModelProfile, shape: TrainShape, plan: Plan, gpu: GPUProfile,

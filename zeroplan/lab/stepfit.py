@@ -1,14 +1,17 @@
 """Fit the step-time model's per-GPU constants to measured runs (used by `zeroplan calibrate`).
 
 Every term of zeroplan.core.steptime is a measured quantity (FLOPs, layer passes, tensor visits, module
-passes) times one constant of the GPU and its software stack, so the step time is linear in
-(1/compute_efficiency, 1/misaligned_gemm_efficiency - 1/compute_efficiency, layer_overhead_s,
-compiled_layer_overhead_s, recompute_layer_overhead_s, step_tensor_overhead_s,
-stage3_module_overhead_s). The fit is a
-non-negative least squares on the relative error of each run's step time (a long accumulated step
-and a short one count alike). misaligned_gemm_efficiency is not fitted: it is the measured speed of
-cuBLAS's fallback kernels (a kernel profile), kept from the GPU profile. A constant no run exercises (no compiled run, no ZeRO-3 run, no
-misaligned vocabulary) keeps the GPU profile's current value instead of being fitted.
+passes) times one constant of the GPU and its software stack. The step is the power mean of order
+`overlap_exponent` of the GPU's and the host's time for the passes, plus the serial parts
+(zeroplan.core.steptime.seconds_of), so it is not linear in the constants. The fit minimises the
+sum of squared relative step-time errors (a long accumulated step and a short one count alike) with
+a Nelder-Mead search over the non-negative constants (compute efficiency, the GPU-side and host-side
+per-layer costs, the per-tensor and per-module costs), once for each exponent of OVERLAP_EXPONENTS,
+and keeps the exponent and constants with the smallest error. It starts from the GPU profile's
+constants and restarts from its best point, so the result is deterministic. A constant no run
+exercises (no compiled run, no ZeRO-3 run, no ZeRO-2 run) keeps the GPU profile's current value.
+misaligned_gemm_efficiency is not fitted: it is the measured speed of cuBLAS's fallback kernels (a
+kernel profile), kept from the GPU profile.
 Pure Python: no torch.
 """
 
@@ -23,8 +26,13 @@ from zeroplan.core.plan import Plan, TrainShape
 from zeroplan.core.profiles import GPUProfile, ModelProfile, load_gpu, load_model, pad_vocab
 from zeroplan.core.steptime import StepTerms, constants, seconds_of, step_terms
 
-NAMES = ("compute_efficiency", "misaligned_gemm_efficiency", "layer_overhead_s", "compiled_layer_overhead_s",
-         "recompute_layer_overhead_s", "step_tensor_overhead_s", "stage3_module_overhead_s")
+FITTED = ("compute_efficiency", "layer_gpu_s", "layer_overhead_s", "compiled_layer_overhead_s",
+          "recompute_layer_overhead_s", "step_tensor_overhead_s", "stage3_module_overhead_s", "grad_hook_overhead_s")
+NAMES = (*FITTED, "misaligned_gemm_efficiency", "overlap_exponent")
+# 1 adds host and GPU time; 64 is within 1.1 % of taking the larger (2 ** (1 / 64) = 1.011).
+OVERLAP_EXPONENTS = (1.0, 2.0, 4.0, 8.0, 64.0)
+SEARCH_ROUNDS = 3
+SEARCH_STEPS = 1500
 
 
 @dataclass(frozen=True)
@@ -82,17 +90,6 @@ def predicted_step_s(run: TimedRun, values: dict[str, float] | None = None) -> f
     return seconds_of(run.terms(), run.gpu, values or constants(run.gpu))
 
 
-def _features(run: TimedRun, misaligned_efficiency: float) -> tuple[list[float], float]:
-    """The run's row (what each fitted constant multiplies) and target (measured seconds less the
-    terms no fitted constant scales: memory-bound work, communication, Adam, and the LM head's
-    products on the fallback kernels, whose speed is measured, not fitted)."""
-    terms, peak = run.terms(), run.gpu.bf16_dense_tflops * 1e12
-    row = [(terms.compute_flops - terms.misaligned_flops) / peak, 0.0, terms.eager_layer_passes,
-           terms.compiled_layer_passes, terms.recomputed_layer_passes, terms.tensor_visits, terms.module_passes]
-    slow = terms.misaligned_flops / peak / misaligned_efficiency
-    return row, run.measured_step_s - terms.fixed_s - slow
-
-
 def _solve(matrix: list[list[float]], vector: list[float]) -> list[float]:
     """Gaussian elimination with partial pivoting (small dense systems)."""
     n = len(vector)
@@ -110,56 +107,94 @@ def _solve(matrix: list[list[float]], vector: list[float]) -> list[float]:
 
 
 def fit(runs: list[TimedRun], gpu: GPUProfile) -> dict[str, float]:
-    """Non-negative least squares of the relative step-time error over `runs` (all on one GPU
-    kind); returns the seven constants (unexercised ones kept from `gpu`)."""
+    """Fit the constants to `runs` (all on one GPU kind): for each overlap exponent a Nelder-Mead
+    search of the squared relative step-time error; returns every constant of
+    zeroplan.core.steptime.constants (unexercised ones and misaligned_gemm_efficiency kept from `gpu`)."""
     if len(runs) < 3:
         raise InvalidInput(f"fitting the step-time model needs at least 3 finished runs, got {len(runs)}")
     current = constants(gpu)
-    rows, targets = [], []
-    for run in runs:
-        row, target = _features(run, current["misaligned_gemm_efficiency"])
-        weight = 1.0 / run.measured_step_s
-        rows.append([x * weight for x in row])
-        targets.append(target * weight)
-    fixed = {index for index in range(len(NAMES)) if not any(row[index] for row in rows)}
-    while True:
-        free = [i for i in range(len(NAMES)) if i not in fixed]
-        known = _coefficients(current)
-        residual = [t - sum(row[i] * known[i] for i in fixed) for row, t in zip(rows, targets)]
-        normal = [[sum(row[i] * row[j] for row in rows) for j in free] for i in free]
-        rhs = [sum(row[i] * r for row, r in zip(rows, residual)) for i in free]
-        solved = dict(zip(free, _solve(normal, rhs)))
-        negative = [i for i, value in solved.items() if value < 0]
-        if not negative:
-            break
-        for i in negative:  # a constant that would go negative is held at zero
-            fixed.add(i)
-            current = {**current, **_from_coefficient(i, 0.0, current)}
-    coefficients = {**{i: _coefficients(current)[i] for i in fixed}, **solved}
-    return _values(coefficients, current)
+    terms = [(run.terms(), run.gpu, run.measured_step_s) for run in runs]
+    exercised = _exercised(terms)
+    best: tuple[float, dict[str, float]] | None = None
+    for exponent in OVERLAP_EXPONENTS:
+        base = {**current, "overlap_exponent": exponent}
+        free = [name for name in FITTED if exercised[name]]
 
+        def loss(point: list[float], base=base, free=free) -> float:
+            values = _with(base, free, point)
+            if values["compute_efficiency"] >= 1:
+                return float("inf")
+            return sum((seconds_of(t, g, values) / measured - 1) ** 2 for t, g, measured in terms)
 
-def _coefficients(values: dict[str, float]) -> list[float]:
-    inverse = 1 / values["compute_efficiency"]
-    return [inverse, 1 / values["misaligned_gemm_efficiency"] - inverse, values["layer_overhead_s"],
-            values["compiled_layer_overhead_s"], values["recompute_layer_overhead_s"],
-            values["step_tensor_overhead_s"], values["stage3_module_overhead_s"]]
-
-
-def _from_coefficient(index: int, value: float, current: dict[str, float]) -> dict[str, float]:
-    if index == 0:
-        return {"compute_efficiency": 1 / value if value > 0 else current["compute_efficiency"]}
-    if index == 1:
-        return {"misaligned_gemm_efficiency": 1 / (value + 1 / current["compute_efficiency"])}
-    return {NAMES[index]: value}
-
-
-def _values(coefficients: dict[int, float], current: dict[str, float]) -> dict[str, float]:
-    if coefficients[0] <= 1:
+        point = [_coordinate(name, base[name]) for name in free]
+        for _ in range(SEARCH_ROUNDS):
+            point = _nelder_mead(loss, point, SEARCH_STEPS)
+        error = loss(point)
+        if best is None or error < best[0]:
+            best = (error, _with(base, free, point))
+    if best is None or best[0] == float("inf"):
         raise InvalidInput("the fitted compute efficiency is above 100 %: the runs are too few or too noisy")
-    efficiency = 1 / coefficients[0]
-    values = {"compute_efficiency": round(efficiency, 4),
-              "misaligned_gemm_efficiency": current["misaligned_gemm_efficiency"]}
-    for index in range(2, len(NAMES)):
-        values[NAMES[index]] = round(coefficients[index], 7)
+    return _rounded(best[1])
+
+
+def _exercised(terms: list[tuple[StepTerms, GPUProfile, float]]) -> dict[str, bool]:
+    """Which constants some run's terms multiply (the others cannot be fitted)."""
+    def any_of(field: str) -> bool:
+        return any(getattr(t, field) for t, _, _ in terms)
+
+    return {"compute_efficiency": True, "layer_gpu_s": any_of("eager_layer_passes"),
+            "layer_overhead_s": any_of("eager_layer_passes"), "compiled_layer_overhead_s": any_of("compiled_layer_passes"),
+            "recompute_layer_overhead_s": any_of("recomputed_layer_passes"),
+            "step_tensor_overhead_s": any(t.tensor_visits > t.hook_tensor_visits for t, _, _ in terms),
+            "stage3_module_overhead_s": any_of("module_passes"), "grad_hook_overhead_s": any_of("hook_tensor_visits")}
+
+
+def _coordinate(name: str, value: float) -> float:
+    """The search coordinate of a constant: 1/efficiency for the compute efficiency (what the time
+    is linear in), the value itself for the per-item costs."""
+    return 1 / value if name == "compute_efficiency" else value
+
+
+def _with(base: dict[str, float], free: list[str], point: list[float]) -> dict[str, float]:
+    """The constants at a search point; a coordinate below zero counts as its absolute value, which
+    keeps every cost non-negative without bounds in the search."""
+    values = dict(base)
+    for name, x in zip(free, point):
+        values[name] = 1 / abs(x) if name == "compute_efficiency" else abs(x)
     return values
+
+
+def _nelder_mead(loss, start: list[float], steps: int) -> list[float]:
+    """Nelder-Mead simplex search (reflection 1, expansion 2, contraction and shrink 1/2) from
+    `start`, its first simplex 30 % along each coordinate (1e-4 for a zero one)."""
+    n = len(start)
+    simplex = [list(start)] + [[x * 1.3 if j == i and x else (1e-4 if j == i else x) for j, x in enumerate(start)]
+                               for i in range(n)]
+    values = [loss(p) for p in simplex]
+    for _ in range(steps):
+        order = sorted(range(n + 1), key=lambda i: values[i])
+        simplex, values = [simplex[i] for i in order], [values[i] for i in order]
+        centre = [sum(p[j] for p in simplex[:-1]) / n for j in range(n)]
+        reflected = [c + (c - w) for c, w in zip(centre, simplex[-1])]
+        fr = loss(reflected)
+        if fr < values[0]:
+            expanded = [c + 2 * (c - w) for c, w in zip(centre, simplex[-1])]
+            fe = loss(expanded)
+            simplex[-1], values[-1] = (expanded, fe) if fe < fr else (reflected, fr)
+        elif fr < values[-2]:
+            simplex[-1], values[-1] = reflected, fr
+        else:
+            contracted = [c + 0.5 * (w - c) for c, w in zip(centre, simplex[-1])]
+            fc = loss(contracted)
+            if fc < values[-1]:
+                simplex[-1], values[-1] = contracted, fc
+            else:
+                simplex = [simplex[0]] + [[b + 0.5 * (x - b) for b, x in zip(simplex[0], p)] for p in simplex[1:]]
+                values = [values[0]] + [loss(p) for p in simplex[1:]]
+    return simplex[min(range(n + 1), key=lambda i: values[i])]
+
+
+def _rounded(values: dict[str, float]) -> dict[str, float]:
+    """Constants as the profile's [calibrated] table writes them."""
+    return {name: round(value, 4) if name in ("compute_efficiency", "overlap_exponent") else
+            (value if name == "misaligned_gemm_efficiency" else round(value, 7)) for name, value in values.items()}
