@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 from zeroplan.core.plan import TrainShape
 from zeroplan.core.profiles import LanguageModel, ModelProfile, VisionTower
+from zeroplan.core.dtypes import BF16_BYTES, FP32_BYTES
 
-BF16 = 2
-FP32 = 4
+BF16, FP32 = BF16_BYTES, FP32_BYTES  # the short names the formulas here read
 LORA_TARGETS_PER_LAYER = 7  # q, k, v, o, gate, up, down (zeroplan.runner.model LORA_PATTERN)
 
 

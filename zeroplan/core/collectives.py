@@ -28,8 +28,8 @@ from zeroplan.core.cluster import Links, resolve
 from zeroplan.core.params import count_parameters, lora_tensors, model_tensors
 from zeroplan.core.plan import Plan, TrainShape
 from zeroplan.core.profiles import GPUProfile, ModelProfile
+from zeroplan.core.dtypes import BF16_BYTES
 
-BF16_BYTES = 2
 WHEN = ("micro", "once", "serial")
 
 

@@ -22,9 +22,9 @@ from zeroplan.core.partition import ModelStateBytes, model_state_bytes, optimize
 from zeroplan.core.plan import Plan, TrainShape
 from zeroplan.core.profiles import GPUProfile, ModelProfile
 from zeroplan.core.step_events import setup_event_count, training_events
+from zeroplan.core.dtypes import BF16_BYTES, FP32_BYTES
 
-BF16 = 2
-FP32 = 4
+BF16, FP32 = BF16_BYTES, FP32_BYTES  # the short names the formulas here read
 # Steps replayed when a run's own tiles per step are not given. Over the H100 matrix two steps
 # come within 3.7 % of five (the runner's) and three match them (Adam's states appear in the
 # first optimizer step, the second step meets the blocks they split); two keep `recommend` fast.

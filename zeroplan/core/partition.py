@@ -24,9 +24,8 @@ from zeroplan.core.errors import InvalidInput
 from zeroplan.core.params import lora_tensors, model_tensors
 from zeroplan.core.plan import Plan, TrainShape
 from zeroplan.core.profiles import ModelProfile
+from zeroplan.core.dtypes import BF16_BYTES, FP32_BYTES
 
-BF16_BYTES = 2
-FP32_BYTES = 4
 ADAM_STATES_PER_ELEM = 2  # exp_avg, exp_avg_sq
 NCCL_START_ALIGNMENT_FACTOR = 2  # stage_1_and_2.py: 4-byte alignment / sizeof(fp16)
 

@@ -82,6 +82,7 @@ from zeroplan.core.flops import backward_factors, shape_flops
 from zeroplan.core.params import count_parameters, lora_tensors, model_tensors
 from zeroplan.core.plan import Plan, TrainShape
 from zeroplan.core.profiles import GPUProfile, ModelProfile
+from zeroplan.core.dtypes import BF16_BYTES
 
 DEFAULT_COMPUTE_EFFICIENCY = 0.45
 MEMORY_TRAFFIC_PER_SAVED_BYTE = 4
@@ -113,7 +114,6 @@ DEFAULT_OVERLAP_EXPONENT = 1.0
 # the H100 (reports/h100_profile: 2·4096·2048·92553 = 1.55 TFLOP in 15.8 ms, 98 TFLOPS of 989).
 DEFAULT_MISALIGNED_GEMM_EFFICIENCY = 0.099
 ALIGNED_VOCAB_MULTIPLE = 8
-BF16_BYTES = 2
 
 
 @dataclass(frozen=True)
