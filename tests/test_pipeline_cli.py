@@ -7,7 +7,7 @@ import json
 import pytest
 
 from zeroplan.cli.main import main
-from zeroplan.runner.train import STABLE_KEYS
+from zeroplan.runner.record import STABLE_KEYS
 
 CPU_ONLY_NONE = {"measured_peak_allocated_bytes", "measured_peak_reserved_bytes"}
 

@@ -14,7 +14,7 @@ from zeroplan.core.plan import TrainShape
 from zeroplan.core.profiles import load_model
 from zeroplan.runner.launch import launch_command, run_spec
 from zeroplan.core.run import RunSpec
-from zeroplan.runner.train import STABLE_KEYS
+from zeroplan.runner.record import STABLE_KEYS
 from tests.fixtures.internvl_jsonl import make_dataset
 
 TINY = dict(model="tiny", micro_batch=2, seq_len=64, tiles=3, steps=5, warmup_steps=2, world_size=2, lr=5e-3)

@@ -12,7 +12,7 @@ from zeroplan.core.dsconfig import auto_fields
 from zeroplan.core.profiles import load_model
 from zeroplan.core.run import RunSpec
 from zeroplan.runner.launch import run_spec
-from zeroplan.runner.train import STABLE_KEYS
+from zeroplan.runner.record import STABLE_KEYS
 
 SPEC = dict(model="tiny", stage=3, micro_batch=2, seq_len=64, tiles=3, steps=4, warmup_steps=1, world_size=2,
             lr=5e-3, grad_ckpt=True, frozen=("vision",), gradient_accumulation=2, trainer="hf")

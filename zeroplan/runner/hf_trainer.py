@@ -237,7 +237,7 @@ def train(spec: RunSpec, cuda: bool, rank: int, world_size: int, local_rank: int
     from zeroplan.core.dsconfig import render
     from zeroplan.core.tuning import tuned_plan
     from zeroplan.runner import measure, model as model_setup
-    from zeroplan.runner.train import collect, deepspeed_estimate, predicted_step, resolve_gpu
+    from zeroplan.runner.record import collect, deepspeed_estimate, predicted_step, resolve_gpu
 
     if world_size != spec.world_size:
         raise RuntimeError(f"launched with {world_size} ranks but the spec asks for {spec.world_size}")
@@ -308,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     transformers.Trainer with exactly those arguments and that config."""
     import sys
 
-    from zeroplan.runner import train as runner
+    from zeroplan.runner import record as runner
 
     argv = list(sys.argv[1:] if argv is None else argv)
     # The process group first (TrainingArguments reads the world size when it is parsed).
@@ -352,6 +352,6 @@ def train_printed(spec: RunSpec, script: ScriptArguments, training, cuda: bool, 
 
 
 if __name__ == "__main__":
-    from zeroplan.runner.train import exit_now
+    from zeroplan.runner.record import exit_now
 
     exit_now(main())

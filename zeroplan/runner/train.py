@@ -11,17 +11,13 @@ status: 0 ok, 3 out of GPU memory, 1 any other error.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import sys
 
 from zeroplan.core.bounded import MAX_INPUT_BYTES, read_text_bounded
 from zeroplan.core.run import RunSpec
-
-EXIT_OK, EXIT_ERROR, EXIT_OOM = 0, 1, 3
-STABLE_KEYS = ("model", "stage", "micro_batch", "seq_len", "tiles", "grad_ckpt", "world_size", "status", "device",
-               "predicted_peak_bytes", "measured_peak_allocated_bytes", "measured_peak_reserved_bytes",
-               "tokens_per_s", "mfu", "step_time_s", "final_loss")
+from zeroplan.runner.record import (EXIT_ERROR, EXIT_OK, EXIT_OOM, wait_for_all_ranks, base_result, collect,
+                                     deepspeed_estimate, exit_now, finish, init_distributed, mean_over_ranks,
+                                     one_line, predicted_step, resolve_gpu, write_result)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -30,28 +26,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--result", required=True, help="where rank 0 writes the result JSON")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by DeepSpeed's launcher")
     return parser.parse_args(argv)
-
-
-def init_distributed() -> tuple[bool, int, int, int]:
-    """Start the process group before any model is built (InternVL's rule under ZeRO-3):
-    nccl on CUDA, gloo with DeepSpeed's CPU accelerator otherwise. Returns (cuda, rank, world, local rank)."""
-    import torch
-
-    cuda = torch.cuda.is_available()
-    if not cuda:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ.setdefault("LOCAL_RANK", "0")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29500")
-    local_rank = int(os.environ["LOCAL_RANK"])
-    if cuda:
-        torch.cuda.set_device(local_rank)
-    import deepspeed
-
-    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
-    return cuda, torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank
 
 
 def make_optimizer(spec: RunSpec, params: list, cuda: bool):
@@ -175,109 +149,6 @@ def model_inputs(batch, spec: RunSpec, device) -> dict:
     return inputs
 
 
-def predicted_step(profile, shape, plan, gpu, gradient_accumulation: int = 1) -> dict:
-    """zeroplan's step-time model for one optimizer step of the run (all its micro-steps, as
-    step_time_s measures)."""
-    from zeroplan.core.steptime import step_time
-
-    time = step_time(profile, shape, plan, gpu, gradient_accumulation)
-    return {"predicted_step_time_s": time.step_s, "predicted_tokens_per_s": time.tokens_per_s,
-            "predicted_mfu": time.mfu, "predicted_step": time.as_dict()}
-
-
-def deepspeed_estimate(profile, shape, plan) -> dict | None:
-    """DeepSpeed's own model-state estimators for the run, the report's baseline column."""
-    try:
-        from zeroplan.adapters.deepspeed_adapter import estimator_bytes
-
-        return estimator_bytes(profile, shape, plan)
-    except Exception as error:  # noqa: BLE001 - the baseline must never fail a training run
-        return {"reason": f"{type(error).__name__}: {error}"}
-
-
-def mean_over_ranks(value) -> float:
-    """The loss averaged over ranks (each rank saw different samples)."""
-    import torch.distributed as dist
-
-    dist.all_reduce(value, op=dist.ReduceOp.SUM)
-    return float(value) / dist.get_world_size()
-
-
-def resolve_gpu(spec: RunSpec, cuda: bool):
-    """The spec's GPU profile; else the bundled one matching the device's name; else the default."""
-    from zeroplan.core.profiles import DEFAULT_GPU, load_gpu, match_gpu_name
-
-    if spec.gpu:
-        return load_gpu(spec.gpu)
-    if cuda:
-        import torch
-
-        found = match_gpu_name(torch.cuda.get_device_name())
-        if found is not None:
-            return found
-    return load_gpu(DEFAULT_GPU)
-
-
-def collect(spec, profile, gpu, meter, init_peaks: dict, step_peaks: dict, world_size: int) -> dict:
-    """Job-wide throughput and FLOPs, and every rank's memory peaks, gathered from every rank."""
-    from zeroplan.runner import measure
-
-    records = measure.combine_ranks(measure.gather_to_all(meter.records))
-    out = measure.throughput(records, spec.warmup_steps, world_size, gpu.bf16_dense_tflops * 1e12)
-    out["patch_tokens_per_s"] = measure.patch_tokens_per_s(out["tiles_per_s"], profile)
-    per_rank = measure.gather_to_all({"init": init_peaks, "steps": step_peaks,
-                                      "nvml_peak_used_bytes": max(meter.nvml_used_bytes, default=None)})
-    allocated = [r["steps"]["peak_allocated_bytes"] for r in per_rank]
-    reserved = [r["steps"]["peak_reserved_bytes"] for r in per_rank]
-    init_allocated = [r["init"]["peak_allocated_bytes"] for r in per_rank]
-    nvml_used = [r["nvml_peak_used_bytes"] for r in per_rank]
-    out.update(
-        per_rank_peak_allocated_bytes=allocated, per_rank_peak_reserved_bytes=reserved,
-        per_rank_init_peak_allocated_bytes=init_allocated, per_rank_nvml_peak_used_bytes=nvml_used,
-        per_rank_host_peak_rss_bytes=[r["steps"]["host_peak_rss_bytes"] for r in per_rank],
-        measured_peak_allocated_bytes=_max_or_none(allocated), measured_peak_reserved_bytes=_max_or_none(reserved),
-        init_peak_allocated_bytes=_max_or_none(init_allocated), nvml_peak_used_bytes=_max_or_none(nvml_used),
-        bf16_dense_tflops_per_gpu=gpu.bf16_dense_tflops,
-    )
-    return out
-
-
-def _max_or_none(values: list) -> int | None:
-    known = [v for v in values if v is not None]
-    return max(known) if known else None
-
-
-def base_result(spec: RunSpec) -> dict:
-    """Every stable key, with the spec's fields filled in and the measurements still None."""
-    result = {key: None for key in STABLE_KEYS}
-    result.update(spec.to_dict())
-    result.update(point_id=spec.point_id(), spec=spec.to_dict(), status="error", losses=[])
-    return result
-
-
-def finish(result: dict) -> dict:
-    """Fill the derived keys (final loss, prediction errors) once the run has ended."""
-    from zeroplan.runner import measure
-
-    if result.get("losses"):
-        result["final_loss"] = result["losses"][-1]
-        result["first_loss"] = result["losses"][0]
-    result.update(measure.prediction_errors(result))
-    return result
-
-
-def write_result(path: str, result: dict) -> None:
-    """Atomic write: the sweep never reads half a result."""
-    from zeroplan.core.atomic import write_atomic
-
-    write_atomic(path, json.dumps(result, indent=1, sort_keys=True, default=str) + "\n")
-
-
-def one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split())
-    return f"{type(error).__name__}: {text}"[:500]
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run one spec on this rank; see the module docstring for exit statuses."""
     args = parse_args(argv)
@@ -301,24 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     if rank == 0 or code != EXIT_OK:
         write_result(args.result, result)
     if code == EXIT_OK:
-        _wait_for_all_ranks()
+        wait_for_all_ranks()
     return code
-
-
-def _wait_for_all_ranks() -> None:
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def exit_now(code: int) -> None:
-    """Leave without the interpreter's teardown: gloo's and DeepSpeed's CPU comm threads
-    sometimes abort in static destructors ("terminate called without an active exception")
-    after the result is safely written, which would turn a good run into a failed exit."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
 
 
 if __name__ == "__main__":
