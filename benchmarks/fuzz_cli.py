@@ -45,6 +45,15 @@ TRACEBACK_MARK = "Traceback (most recent call last)"
 DETAIL_PREFIX = "  "  # recommend's nothing-fits lines after the first: node RAM, verified hints
 
 
+def _json_says_nothing_fits(stdout: str) -> bool:
+    """recommend --json when nothing fits: one JSON object on stdout whose `fits` is false."""
+    try:
+        payload = json.loads(stdout)
+    except ValueError:
+        return False
+    return isinstance(payload, dict) and payload.get("fits") is False
+
+
 @dataclass(frozen=True)
 class GenFile:
     """A file made up for one invocation: written into its working folder before the run and
@@ -506,8 +515,11 @@ def problems(outcome: Outcome) -> list[str]:
     lines = [line for line in outcome.stderr.splitlines() if line.strip()]
     if code == 2 and (len(lines) != 1 or not lines[0].startswith("zeroplan: error: ")):
         found.append(f"error is {len(lines)} line(s) on stderr, not one 'zeroplan: error:' line")
-    if code == 3 and verb == "recommend" and (not lines or not lines[0].startswith("zeroplan: ")
-                                              or any(not l.startswith(DETAIL_PREFIX) for l in lines[1:])):
+    if code == 3 and verb == "recommend" and "--json" in outcome.argv:
+        if not _json_says_nothing_fits(outcome.stdout):
+            found.append("'nothing fits' with --json is not one JSON object with fits false")
+    elif code == 3 and verb == "recommend" and (not lines or not lines[0].startswith("zeroplan: ")
+                                                or any(not l.startswith(DETAIL_PREFIX) for l in lines[1:])):
         found.append("'nothing fits' is not one line plus indented detail lines")
     if code in (1, 3) and verb != "recommend" and len(lines) > 1:
         found.append(f"{len(lines)} lines on stderr for exit status {code}")

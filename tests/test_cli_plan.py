@@ -33,7 +33,8 @@ def test_estimate_json_gives_the_plan_s_step_time_and_takes_accumulation(capsys)
     assert one["gradient_accumulation"] == 1 and four["gradient_accumulation"] == 4
     # ZeRO-1 holds the micro-steps' gradients to the boundary: more memory, and four micro-steps' time
     assert four["per_gpu_bytes"]["peak"] > one["per_gpu_bytes"]["peak"]
-    assert 3 * one["predicted_step_time_s"] < four["predicted_step_time_s"] < 4 * one["predicted_step_time_s"]
+    # four micro-steps' compute, one optimizer step's bookkeeping
+    assert 2 * one["predicted_step_time_s"] < four["predicted_step_time_s"] < 4 * one["predicted_step_time_s"]
     assert four["predicted_tokens_per_s"] == pytest.approx(2 * 4 * 4096 / four["predicted_step_time_s"])
     assert 0 < four["predicted_mfu"] < 1
 
