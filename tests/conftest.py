@@ -7,7 +7,7 @@ import pytest
 # The modules of the quick tier: the pure core and the lab's readers, tested in-process.
 QUICK_MODULES = {
     "test_layers", "test_partition_unit", "test_allocator", "test_memory", "test_planner", "test_steptime",
-    "test_records", "test_dsconfig", "test_partial_ckpt", "test_report", "test_atomic", "test_memory_accounts",
+    "test_records", "test_dsconfig", "test_partial_ckpt", "test_report", "test_atomic",
 }
 
 
