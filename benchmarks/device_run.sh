@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# What one call of the lent GPU runs (README, "Measuring on a GPU"): install the carried DeepSpeed
-# wheels, show the card, then run each sweep file given. Results go to $OUT/NAME.jsonl, seeded from
-# reports/NAME/results.jsonl when that exists, so a sweep cut off by the call's time limit resumes
-# in the next call. Point logs come back as one archive. Reports are rendered off the GPU:
+# Run sweeps on a GPU node that has no network access: install DeepSpeed and its pure-Python
+# dependencies from wheels built beforehand into .whl/, show the card, then run each sweep file
+# given. Results go to $OUT/NAME.jsonl, seeded from reports/NAME/results.jsonl when that exists, so
+# a sweep cut off by a job's time limit (CALL_BUDGET_S seconds) resumes in the next job. Point logs
+# are packed into one archive. Reports are rendered anywhere afterwards:
 #   zeroplan report reports/NAME/results.jsonl --out reports/NAME
 # Usage: bash benchmarks/device_run.sh benchmarks/h100_check.toml [more.toml ...]
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD
-# Keep NVLink multicast off (the lending machines' rule).
+# NVLink multicast off: on a shared node other jobs may hold the multicast resources.
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT"

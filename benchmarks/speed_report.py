@@ -1,5 +1,5 @@
 """Issue 6's speed report: the plain loop against zeroplan's fast configuration, per model and ZeRO
-stage, on the lent GPU, with the step-time model's predicted tokens/s beside every measured run.
+stage, on one GPU, with the step-time model's predicted tokens/s beside every measured run.
 Pure zeroplan core, no GPU needed:
 
     .venv/bin/python benchmarks/speed_report.py          # writes reports/speed/
@@ -217,7 +217,7 @@ NOTES = """## What the runs say
   39.9 % with the first 12 (from 32.4 % at 1 row × 16 without checkpointing). Their tokens/s are
   predicted within 11 % and their peaks within 2 % (reserved: the one fully checkpointed ZeRO-2
   run is 7.7 % under).
-- ZeRO-3 timing: on one GPU it is host-bound, and the same 2B point took 1.31 s a step on one lent
+- ZeRO-3 timing: on one GPU it is host-bound, and the same 2B point took 1.31 s a step on one
   machine after 2 warm-up steps and 0.85 s on another after 4 (h100_fast_z3, h100_z3_steady); its
   first 2-4 steps are slow while DeepSpeed traces the modules' order. Runs with fewer than 4
   warm-up micro-steps are marked `unsteady` and left out of the error figures and the fit. 4B
