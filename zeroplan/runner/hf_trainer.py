@@ -235,20 +235,10 @@ def train(spec: RunSpec, cuda: bool, rank: int, world_size: int, local_rank: int
     import torch
 
     from zeroplan.core.dsconfig import render
-    from zeroplan.core.tuning import tuned_plan
     from zeroplan.runner import measure, model as model_setup
-    from zeroplan.runner.record import collect, deepspeed_estimate, predicted_step, resolve_gpu
+    from zeroplan.runner.record import collect, set_up
 
-    if world_size != spec.world_size:
-        raise RuntimeError(f"launched with {world_size} ranks but the spec asks for {spec.world_size}")
-    profile, image_token_id = model_setup.resolve(spec)
-    shape = spec.shape()
-    plan = tuned_plan(profile, shape, spec.plan())
-    gpu = resolve_gpu(spec, cuda)
-    result.update(measure.environment(cuda, None))
-    result.update(gpu_profile=gpu.name, **measure.prediction(profile, shape, plan, gpu, spec.gradient_accumulation))
-    result["deepspeed_estimator_bytes"] = deepspeed_estimate(profile, shape, plan)
-    result.update(predicted_step(profile, shape, plan, gpu, spec.gradient_accumulation))
+    profile, image_token_id, shape, plan, gpu = set_up(spec, cuda, world_size, result)
 
     emitted = render(profile, shape, plan, spec.micro_batch, spec.gradient_accumulation, flavour="hf", lr=spec.lr)
     used = without_optimizer(emitted)

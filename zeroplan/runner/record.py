@@ -58,6 +58,27 @@ def deepspeed_estimate(profile, shape, plan) -> dict | None:
         return {"reason": f"{type(error).__name__}: {error}"}
 
 
+def set_up(spec: RunSpec, cuda: bool, world_size: int, result: dict):
+    """What both training paths start from: the model profile and image token, the shape, the plan
+    the DeepSpeed config carries (buckets and ZeRO-3 knobs tuned to the model, so the prediction and
+    the run describe the same thing), the GPU profile; the environment and every prediction are put
+    into `result`. Returns (profile, image_token_id, shape, plan, gpu)."""
+    from zeroplan.core.tuning import tuned_plan
+    from zeroplan.runner import measure, model as model_setup
+
+    if world_size != spec.world_size:
+        raise RuntimeError(f"launched with {world_size} ranks but the spec asks for {spec.world_size}")
+    profile, image_token_id = model_setup.resolve(spec)
+    shape = spec.shape()
+    plan = tuned_plan(profile, shape, spec.plan())
+    gpu = resolve_gpu(spec, cuda)
+    result.update(measure.environment(cuda, None))
+    result.update(gpu_profile=gpu.name, **measure.prediction(profile, shape, plan, gpu, spec.gradient_accumulation))
+    result["deepspeed_estimator_bytes"] = deepspeed_estimate(profile, shape, plan)
+    result.update(predicted_step(profile, shape, plan, gpu, spec.gradient_accumulation))
+    return profile, image_token_id, shape, plan, gpu
+
+
 def mean_over_ranks(value) -> float:
     """The loss averaged over ranks (each rank saw different samples)."""
     import torch.distributed as dist

@@ -15,9 +15,9 @@ import os
 
 from zeroplan.core.bounded import MAX_INPUT_BYTES, read_text_bounded
 from zeroplan.core.run import RunSpec
-from zeroplan.runner.record import (EXIT_ERROR, EXIT_OK, EXIT_OOM, wait_for_all_ranks, base_result, collect,
-                                     deepspeed_estimate, exit_now, finish, init_distributed, mean_over_ranks,
-                                     one_line, predicted_step, resolve_gpu, write_result)
+from zeroplan.runner.record import (EXIT_ERROR, EXIT_OK, EXIT_OOM, base_result, collect, exit_now, finish,
+                                     init_distributed, mean_over_ranks, one_line, set_up, wait_for_all_ranks,
+                                     write_result)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -60,21 +60,8 @@ def train(spec: RunSpec, cuda: bool, rank: int, world_size: int, local_rank: int
         from zeroplan.runner import hf_trainer
 
         return hf_trainer.train(spec, cuda, rank, world_size, local_rank, result)
-    if world_size != spec.world_size:
-        raise RuntimeError(f"launched with {world_size} ranks but the spec asks for {spec.world_size}")
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-    profile, image_token_id = model_setup.resolve(spec)
-    from zeroplan.core.tuning import tuned_plan
-
-    # The plan the DeepSpeed config carries (buckets and ZeRO-3 knobs tuned to the model), so the
-    # prediction and the run describe the same thing.
-    shape = spec.shape()
-    plan = tuned_plan(profile, shape, spec.plan())
-    gpu = resolve_gpu(spec, cuda)
-    result.update(measure.environment(cuda, None))
-    result.update(gpu_profile=gpu.name, **measure.prediction(profile, shape, plan, gpu, spec.gradient_accumulation))
-    result["deepspeed_estimator_bytes"] = deepspeed_estimate(profile, shape, plan)
-    result.update(predicted_step(profile, shape, plan, gpu, spec.gradient_accumulation))
+    profile, image_token_id, shape, plan, gpu = set_up(spec, cuda, world_size, result)
     client = spec.offload_optimizer == "none"
     ds_config, source = deepspeed_config(profile, shape, plan, spec.micro_batch, spec.lr, client,
                                          spec.gradient_accumulation)
