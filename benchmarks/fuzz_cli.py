@@ -576,10 +576,12 @@ def fuzz_settings(examples: int, seed: int | None = None) -> settings:
 
 
 def run_verb(verb: str, examples: int, fixtures: dict[str, Path], fixtures_dir: Path, scratch: Path,
-             outcomes: list[Outcome]) -> None:
-    """Feed `examples` generated argv lists for `verb` through invoke, collecting the outcomes."""
+             outcomes: list[Outcome], seed: int | None = None) -> None:
+    """Feed `examples` generated argv lists for `verb` through invoke, collecting the outcomes.
+    With a `seed` the examples are the same on every run (the test suite); without one each run
+    explores new ones (this benchmark)."""
 
-    @fuzz_settings(examples)
+    @fuzz_settings(examples, seed)
     @given(argv=argv_strategy(verb, fixtures))
     def body(argv):
         outcomes.append(invoke(argv, scratch, fixtures_dir))

@@ -93,6 +93,22 @@ def write_files_atomic(files: dict[str | os.PathLike, str | bytes]) -> None:
                 pass
 
 
+def check_file_target(path: str | os.PathLike, option: str = "--out") -> Path:
+    """Refuse, before any work, an output path that cannot name a file: empty (`--out=` arrives
+    as '.'), ending in a separator, or an existing folder."""
+    text = os.fspath(path)
+    path = Path(text)
+    if not text or text.endswith(os.sep) or path.name in ("", ".", ".."):
+        raise InvalidInput(f"{option} must name a file, got {text[:200]!r}")
+    try:
+        is_dir = path.is_dir()
+    except (OSError, ValueError):
+        return path  # a path the file system refuses: the write reports it
+    if is_dir:
+        raise InvalidInput(f"{option} {text[:200]} is a folder; give a file name")
+    return path
+
+
 def check_replaceable(path: str | os.PathLike, force: bool, flag: str = "--force") -> None:
     """Refuse, before any work, to write over an existing file unless `force`: a command that
     writes a default path (./ds_config.json) must not silently replace a user's file. A read-only
