@@ -70,3 +70,7 @@ def test_hf_trainer_path_trains_on_two_cpu_ranks(tmp_path):
             used["train_batch_size"]) == (2, 2, 8)
     assert used["zero_optimization"]["stage"] == 3 and used["bf16"]["enabled"] is True
     assert "--gradient_checkpointing" in result["trainer_args"] and result["gradient_checkpointing"] is True
+    # DeepSpeed built the optimizer from the config's block, over one group of every trainable
+    # parameter, as on the user's cluster (not the Trainer's decay / no-decay groups).
+    assert used["optimizer"]["type"] == "AdamW" and used["optimizer"]["params"]["torch_adam"] is True
+    assert result["optimizer"].endswith("AdamW") and result["optimizer_param_groups"] == 1

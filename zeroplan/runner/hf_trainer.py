@@ -213,13 +213,19 @@ def _callback_class():
     return Measure
 
 
-def without_optimizer(config: dict) -> dict:
-    """The emitted config less its optimizer block: the Trainer then builds its own AdamW from
-    --learning_rate and --weight_decay (fused torch AdamW on CUDA), which keeps the same optimizer
-    states as DeepSpeed's AdamW but needs no JIT-compiled DeepSpeed op on the machine running it
-    (the runner's own loop passes a client AdamW for the same reason)."""
+def with_torch_adam(config: dict, cuda: bool) -> dict:
+    """The emitted config with its optimizer block kept, as the user's trainer receives it: HF
+    Trainer then hands DeepSpeed every trainable parameter in one group (accelerate's DummyOptim)
+    and DeepSpeed builds AdamW from the block, as it does on the user's cluster. Only the kernel
+    differs: `torch_adam` (with `fused` on CUDA) makes it torch's fused AdamW, which keeps the same
+    two fp32 states made at the first step and no temporaries, like DeepSpeed's FusedAdam, but needs
+    no JIT-compiled DeepSpeed op on the machine running it. (Without the block the Trainer would
+    build its own AdamW with decay and no-decay groups, a second flattened group per rank and a
+    cache flush between them: not what the user runs.)"""
     out = copy.deepcopy(config)
-    out.pop("optimizer", None)
+    optimizer = out.get("optimizer")
+    if optimizer is not None:
+        optimizer.setdefault("params", {}).update({"torch_adam": True, **({"fused": True} if cuda else {})})
     return out
 
 
@@ -241,7 +247,7 @@ def train(spec: RunSpec, cuda: bool, rank: int, world_size: int, local_rank: int
     profile, image_token_id, shape, plan, gpu = set_up(spec, cuda, world_size, result)
 
     emitted = render(profile, shape, plan, spec.micro_batch, spec.gradient_accumulation, flavour="hf", lr=spec.lr)
-    used = without_optimizer(emitted)
+    used = with_torch_adam(emitted, cuda)
     scratch = tempfile.mkdtemp(prefix=f"zeroplan-hf-{rank}-")
     config_path = os.path.join(scratch, "ds_config.json")
     Path(config_path).write_text(json.dumps(used), encoding="utf-8")  # private scratch file, read once
@@ -272,6 +278,10 @@ def train(spec: RunSpec, cuda: bool, rank: int, world_size: int, local_rank: int
 
     result.update(ds_config=_plain(training.hf_deepspeed_config.config), ds_config_source=CONFIG_SOURCE,
                   gradient_checkpointing=bool(training.gradient_checkpointing))
+    built = getattr(trainer.model_wrapped, "basic_optimizer", None)  # the optimizer DeepSpeed built from the config
+    if built is not None:
+        result.update(optimizer=f"{type(built).__module__}.{type(built).__qualname__}",
+                      optimizer_param_groups=len(built.param_groups))
     result["losses"] = callback.losses
     result.update(collect(spec, profile, gpu, meter, callback.init_peaks, callback.step_peaks, world_size))
     result["per_rank_phase_peaks"] = measure.gather_to_all({"allocated": {}, "reserved": {}, "allocated_at_start": {}})
