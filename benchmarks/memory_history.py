@@ -154,7 +154,9 @@ FINDINGS = """What the traces showed (2026-11-25, NVIDIA H100 80GB HBM3), and wh
 
 def main(argv: list[str]) -> int:
     folder = Path(argv[0] if argv else "reports/h100_memhist")
-    out = ["# The caching allocator's trace against zeroplan's replay", "", FINDINGS, "",
+    notes = folder / "findings.md"  # what a folder's own traces showed, where it says so
+    findings = notes.read_text(encoding="utf-8").strip() if notes.is_file() else FINDINGS
+    out = ["# The caching allocator's trace against zeroplan's replay", "", findings, "",
            "Produced by `.venv/bin/python benchmarks/memory_history.py " + str(folder) + "` from the traces "
            "`bash benchmarks/profile/memory_history.sh` recorded on the GPU (device.txt). Streams: the "
            "recorded ones are CUDA stream handles (0 = the default stream); the replay's are zeroplan's "

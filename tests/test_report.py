@@ -152,3 +152,22 @@ def test_report_and_accuracy_report_share_one_error_definition():
         tree = ast.parse(path.read_text())
         names = {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)}
         assert "relative_error" in names, path
+
+
+def test_peak_reserved_is_predicted_beside_measured_where_records_hold_both(tmp_path):
+    rows = [record("InternVL2_5-1B", 1, "ok", 40, 42, predicted_peak_reserved_bytes=int(41 * GIB)),  # measured 42
+            record("InternVL2_5-1B", 3, "ok", 20, 21, predicted_peak_reserved_bytes=int(23.1 * GIB)),  # measured 22
+            record("InternVL2_5-2B", 2, "ok", 50, 52)]  # no reserved prediction: left out of that table
+    path = tmp_path / "r.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["report", str(path), "--out", str(tmp_path / "out")]) == 0
+    text = (tmp_path / "out" / "README.md").read_text()
+    section = text.split("## Predicted vs measured peak reserved")[1]
+    assert "| InternVL2_5-1B | mb1 ckpt | 1 | ok | 41.00 | 42.00 | -2.4% |" in section
+    assert "| InternVL2_5-1B | mb1 ckpt | 3 | ok | 23.10 | 22.00 | +5.0% |" in section
+    assert "InternVL2_5-2B" not in section.split("##")[0]
+    assert "**zeroplan, peak reserved**: median absolute error 3.7%, worst 5.0%, 1 under-estimate(s) of 2" in section
+    # without any reserved prediction the section is left out
+    path.write_text(json.dumps(rows[2]) + "\n")
+    assert main(["report", str(path), "--out", str(tmp_path / "plain")]) == 0
+    assert "## Predicted vs measured peak reserved" not in (tmp_path / "plain" / "README.md").read_text()

@@ -2,8 +2,8 @@
 
 The README has a header (devices, dates, the command that produced the results), one table per
 model and shape with the ZeRO stages side by side, a predicted-vs-measured table (zeroplan's
-prediction and DeepSpeed's estimator against the measured peak allocated bytes), a summary of the
-errors (points.relative_error, the definition benchmarks/accuracy_report.py uses too), and the
+prediction and DeepSpeed's estimator against the measured peak allocated bytes), the same for
+peak reserved (where the records hold both figures), a summary of the errors (points.relative_error, the definition benchmarks/accuracy_report.py uses too), and the
 failed points with their reasons. Plots: `memory_<model>.png` (predicted beside measured peak
 allocated, and predicted beside measured peak reserved, per point, with the GPU's capacity) and
 `throughput_<model>.png` (tokens/s per stage). Every file is written atomically. matplotlib is imported only when plotting.
@@ -119,6 +119,25 @@ def prediction_rows(points: list[Point]) -> tuple[list[str], ErrorSummary, Error
     return lines, ErrorSummary("zeroplan", tuple(ours)), ErrorSummary("DeepSpeed estimator", tuple(theirs))
 
 
+def reserved_rows(points: list[Point]) -> tuple[list[str], ErrorSummary]:
+    """The predicted-vs-measured table of peak reserved bytes (what the caching allocator holds:
+    the figure that decides an out-of-memory error) and zeroplan's error summary; empty when no
+    point has both figures."""
+    lines = ["| model | shape | stage | status | zeroplan predicted (GiB) | measured peak reserved (GiB) | error |",
+             "|---|---|---:|---|---:|---:|---:|"]
+    errors: list[float] = []
+    for point in sorted(points, key=lambda p: (_models(points).index(p.model), p.shape, p.stage)):
+        predicted = point.number("predicted_peak_reserved_bytes")
+        measured = measured_value(point, "measured_peak_reserved_bytes")
+        error = _error_pct(predicted, measured)
+        if predicted is None or measured is None:
+            continue
+        errors += [error] if error is not None else []
+        lines.append(f"| {_cell(point.model)} | {_cell(short_shape(point.shape))} | {point.stage} | {point.status} | "
+                     f"{_gib(predicted)} | {_gib(measured)} | {_pct(error)} |")
+    return (lines if errors else []), ErrorSummary("zeroplan, peak reserved", tuple(errors))
+
+
 def _distinct(points: list[Point], key: str) -> list[str]:
     values = [point.record.get(key) for point in points]
     return list(dict.fromkeys(str(value) for value in values if value not in (None, "")))
@@ -172,6 +191,15 @@ def render_markdown(points: list[Point], source: str, report_command: str, plot_
               "has no allocated figure). Error = (predicted − measured) / measured; negative is an "
               "under-estimate.", "",
               *table, "", "### Summary", "", ours.line(), theirs.line(), ""]
+    reserved, reserved_summary = reserved_rows(points)
+    if reserved:
+        lines += ["## Predicted vs measured peak reserved", "",
+                  "Measured: peak reserved bytes (torch.cuda.max_memory_reserved) of the busiest rank, what the "
+                  "caching allocator holds and what runs out first; zeroplan's figure is its allocator replay's "
+                  "peak (zeroplan.core.allocator over the steps' allocations) as the runner recorded it beside "
+                  "the measurement, from the code of the run's date (benchmarks/accuracy_report.py predicts "
+                  "every run again with today's code).", "",
+                  *reserved, "", reserved_summary.line(), ""]
     failures = [point for point in points if point.status != "ok"]
     if failures:
         lines += ["## Points that did not finish", ""]
@@ -220,4 +248,6 @@ def write_report(results_path: str | Path, out_dir: str | Path, report_command: 
     files[readme] = markdown.encode("utf-8")
     write_files_atomic(files)
     _, ours, theirs = prediction_rows(points)
-    return ReportFiles(readme, tuple(plots), (ours, theirs), skipped)
+    reserved, reserved_summary = reserved_rows(points)
+    summaries = (ours, theirs, reserved_summary) if reserved else (ours, theirs)
+    return ReportFiles(readme, tuple(plots), summaries, skipped)
