@@ -193,3 +193,16 @@ def test_committed_configs_are_up_to_date(capsys):
     if not configs.is_dir():
         pytest.skip("no configs/ folder in this checkout")
     assert main(["generate", "--out", str(configs), "--check"]) == 0, capsys.readouterr().out
+
+
+def test_a_spec_table_shares_runspecs_field_names_and_lists_only_its_own_keys():
+    from dataclasses import fields
+
+    from zeroplan.core import configset
+    from zeroplan.core.run import RunSpec
+
+    run_fields = {f.name for f in fields(RunSpec)}
+    assert configset.RUN_KEYS == {"model", "stage", "micro_batch", "gradient_accumulation", "gpu", "offload_optimizer",
+                                  "offload_params", "seq_len", "tiles", "lora_rank", "lr"}  # none lost to a rename
+    assert configset.RUN_KEYS <= run_fields and not configset.CONFIG_KEYS & run_fields
+    assert configset.SPEC_KEYS == configset.RUN_KEYS | configset.CONFIG_KEYS

@@ -11,7 +11,8 @@ import typer
 
 from zeroplan.core.cluster import Network, load_cluster, network_from_values
 from zeroplan.core.errors import InvalidInput
-from zeroplan.core.plan import Plan, TrainShape, cluster
+from zeroplan.core.plan import Plan, cluster
+from zeroplan.core.plan import parse_freeze, shape_from_values as build_shape  # noqa: F401 - the verbs' names
 
 Model = Annotated[str, typer.Option("--model", "-m", help="Short name (8b, 40b), full name or profile file.")]
 Gpus = Annotated[Optional[int], typer.Option("--gpus", help="Total GPUs (nodes of 8 unless said otherwise).")]
@@ -35,25 +36,6 @@ Cluster = Annotated[Optional[str], typer.Option("--cluster", help="Cluster TOML 
 InterNodeGbps = Annotated[Optional[float], typer.Option("--inter-node-gbps", help="Inter-node bandwidth per GPU, GB/s per direction (node NICs ÷ GPUs per node); default: the GPU profile's.")]
 NicsPerNode = Annotated[Optional[int], typer.Option("--nics-per-node", help="NICs per node across nodes (with --nic-gbit).")]
 NicGbit = Annotated[Optional[float], typer.Option("--nic-gbit", help="Line rate of one NIC, Gb/s (with --nics-per-node).")]
-
-
-def parse_freeze(values: list[str] | None) -> frozenset[str]:
-    """--freeze vision --freeze llm, or --freeze vision,llm."""
-    towers: set[str] = set()
-    for value in values or []:
-        towers.update(part.strip().lower() for part in value.split(",") if part.strip())
-    return frozenset(towers)
-
-
-def build_shape(micro_batch: int, seq_len: int, tiles: int, grad_ckpt: bool, freeze: list[str] | None,
-                lora_rank: int, profile=None) -> TrainShape:
-    """TrainShape from CLI values; checks that the image tokens fit in the sequence."""
-    shape = TrainShape(micro_batch=micro_batch, seq_len=seq_len, tiles=tiles, grad_ckpt=grad_ckpt,
-                       frozen=parse_freeze(freeze), lora_rank=lora_rank)
-    if profile is not None and tiles * profile.tokens_per_tile >= seq_len:
-        raise InvalidInput(f"--tiles {tiles} make {tiles * profile.tokens_per_tile} image tokens, which do not fit in "
-                           f"--seq-len {seq_len}; raise --seq-len or lower --tiles")
-    return shape
 
 
 def build_network(cluster_file: str | None, inter_node_gbps: float | None, nics_per_node: int | None,

@@ -171,3 +171,22 @@ def _divisors_hint(gpus: int) -> str:
     """A few node sizes (GPUs per node, at most 16) that divide `gpus`, as options."""
     sizes = [size for size in range(16, 1, -1) if gpus % size == 0][:3]
     return " or ".join(f"--gpus-per-node {size}" for size in sizes) or "--gpus-per-node 1"
+
+
+def parse_freeze(values: list[str] | None) -> frozenset[str]:
+    """--freeze vision --freeze llm, or --freeze vision,llm."""
+    towers: set[str] = set()
+    for value in values or []:
+        towers.update(part.strip().lower() for part in value.split(",") if part.strip())
+    return frozenset(towers)
+
+
+def shape_from_values(micro_batch: int, seq_len: int, tiles: int, grad_ckpt: bool, freeze: list[str] | None,
+                lora_rank: int, profile=None) -> TrainShape:
+    """TrainShape from command-line or spec values; checks that the image tokens fit in the sequence."""
+    shape = TrainShape(micro_batch=micro_batch, seq_len=seq_len, tiles=tiles, grad_ckpt=grad_ckpt,
+                       frozen=parse_freeze(freeze), lora_rank=lora_rank)
+    if profile is not None and tiles * profile.tokens_per_tile >= seq_len:
+        raise InvalidInput(f"--tiles {tiles} make {tiles * profile.tokens_per_tile} image tokens, which do not fit in "
+                           f"--seq-len {seq_len}; raise --seq-len or lower --tiles")
+    return shape
