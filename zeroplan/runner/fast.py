@@ -114,8 +114,14 @@ def apply_liger(model, zero3: bool, loss_only: bool = False) -> None:
 
 
 def compile_layers(model) -> int:
-    """torch.compile each LLM decoder layer and vision encoder layer in place; returns how many."""
+    """torch.compile each LLM decoder layer and vision encoder layer in place; returns how many.
+    ZEROPLAN_COMPILE_BACKEND names another torch.compile backend than torch's default (inductor),
+    e.g. "aot_eager" to check the compiled code path where generating kernels is not wanted (the
+    CPU test suite, where inductor would build C++ for every layer)."""
+    import os
+
+    backend = os.environ.get("ZEROPLAN_COMPILE_BACKEND") or None
     layers = list(model.model.language_model.layers) + list(model.model.vision_tower.encoder.layer)
     for layer in layers:
-        layer.compile()
+        layer.compile(**({"backend": backend} if backend else {}))
     return len(layers)
