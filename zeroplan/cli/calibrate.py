@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from zeroplan.cli import options as o
-from zeroplan.core.atomic import check_file_target, check_replaceable, write_atomic
+from zeroplan.core.atomic import check_replaceable, write_atomic
 from zeroplan.core.bounded import require_file
 from zeroplan.core.errors import InvalidInput
 from zeroplan.core.profiles import load_gpu
@@ -27,7 +27,6 @@ def command(
 ):
     """Measure device constants (CUDA context, step-time constants) from your own runs; check the allocator replay."""
     if out is not None:
-        check_file_target(out)
         check_replaceable(out, force)
     if out is not None and out.suffix != ".toml":
         raise InvalidInput(f"--out {str(out)[:200]} must end in .toml (a GPU profile that --gpu then loads)")

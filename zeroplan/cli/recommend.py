@@ -231,7 +231,7 @@ def command(
 ):
     """Recommend the fastest ZeRO plan that fits, explain the runners-up, write its DeepSpeed config."""
     from zeroplan.adapters.validator_process import take
-    from zeroplan.core.atomic import check_file_target, check_replaceable, write_atomic
+    from zeroplan.core.atomic import check_replaceable, write_atomic
     from zeroplan.core.dsconfig import to_json
     from zeroplan.core.errors import DoesNotFit, InvalidInput
     from zeroplan.adapters.gpus import choose_gpu
@@ -245,7 +245,6 @@ def command(
 
     from zeroplan.core.profiles import pad_vocab as padded
 
-    check_file_target(out)
     check_replaceable(out, force)
     if trainer == "zeroplan":  # the bundled runner's run file is written beside the config
         check_replaceable(out.with_name(out.stem + ".run.json"), force)

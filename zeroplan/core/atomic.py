@@ -112,8 +112,9 @@ def check_file_target(path: str | os.PathLike, option: str = "--out") -> Path:
 def check_replaceable(path: str | os.PathLike, force: bool, flag: str = "--force") -> None:
     """Refuse, before any work, to write over an existing file unless `force`: a command that
     writes a default path (./ds_config.json) must not silently replace a user's file. A read-only
-    file is refused even with `force` (its mode says it is not to be replaced)."""
-    path = Path(path)
+    file is refused even with `force` (its mode says it is not to be replaced). A path that names
+    no file is refused first (check_file_target)."""
+    path = check_file_target(path)
     try:
         exists = path.exists() or path.is_symlink()
     except (OSError, ValueError):

@@ -130,9 +130,9 @@ def reserved_rows(points: list[Point]) -> tuple[list[str], ErrorSummary]:
         predicted = point.number("predicted_peak_reserved_bytes")
         measured = measured_value(point, "measured_peak_reserved_bytes")
         error = _error_pct(predicted, measured)
-        if predicted is None or measured is None:
+        if error is None:
             continue
-        errors += [error] if error is not None else []
+        errors.append(error)
         lines.append(f"| {_cell(point.model)} | {_cell(short_shape(point.shape))} | {point.stage} | {point.status} | "
                      f"{_gib(predicted)} | {_gib(measured)} | {_pct(error)} |")
     return (lines if errors else []), ErrorSummary("zeroplan, peak reserved", tuple(errors))
@@ -178,8 +178,9 @@ def _versions(points: list[Point]) -> str:
     return ", ".join(f"{name} {' / '.join(values)}" for name, values in sorted(seen.items()))
 
 
-def render_markdown(points: list[Point], source: str, report_command: str, plot_names: list[str]) -> str:
-    """The whole README.md text."""
+def render_markdown(points: list[Point], source: str, report_command: str,
+                    plot_names: list[str]) -> tuple[str, tuple[ErrorSummary, ...]]:
+    """The whole README.md text, and the error summaries it prints."""
     lines = header(points, source, report_command)
     lines += ["", "## ZeRO stages side by side", ""]
     for (model, shape), by_stage in _groups(points).items():
@@ -210,7 +211,7 @@ def render_markdown(points: list[Point], source: str, report_command: str, plot_
         lines.append("")
     if plot_names:
         lines += ["## Plots", ""] + [f"![{name}]({name})" for name in plot_names] + [""]
-    return "\n".join(lines)
+    return "\n".join(lines), (ours, theirs, reserved_summary) if reserved else (ours, theirs)
 
 
 def slug(name: str) -> str:
@@ -243,11 +244,8 @@ def write_report(results_path: str | Path, out_dir: str | Path, report_command: 
         for kind, plot in (("memory", plotting.plot_memory), ("throughput", plotting.plot_throughput)):
             files[out_dir / f"{kind}_{slug(model)}.png"] = plot(model, of_model)
     plots = list(files)
-    markdown = render_markdown(points, str(results_path), report_command, [path.name for path in plots])
+    markdown, summaries = render_markdown(points, str(results_path), report_command, [path.name for path in plots])
     readme = out_dir / "README.md"
     files[readme] = markdown.encode("utf-8")
     write_files_atomic(files)
-    _, ours, theirs = prediction_rows(points)
-    reserved, reserved_summary = reserved_rows(points)
-    summaries = (ours, theirs, reserved_summary) if reserved else (ours, theirs)
     return ReportFiles(readme, tuple(plots), summaries, skipped)
