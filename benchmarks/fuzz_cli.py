@@ -535,6 +535,10 @@ def problems(outcome: Outcome) -> list[str]:
 class InProcessValidator:
     """Stands in for BackgroundValidator: the same validate_config, without a child process."""
 
+    def start(self) -> "InProcessValidator":
+        """Nothing to start."""
+        return self
+
     def validate(self, config, world_size, timeout_s: float = 120):
         from zeroplan.adapters.deepspeed_adapter import validate_config
 

@@ -69,9 +69,9 @@ class _Recording(CachingAllocator):
         self._request = (key, size, stream)
         super().malloc(key, size, stream)
 
-    def _new_segment(self, pool, size):
+    def _new_segment(self, *args):
         before = self.reserved
-        block = super()._new_segment(pool, size)
+        block = super()._new_segment(*args)
         key, request, stream = self._request
         self.made.append({"size": self.reserved - before, "stream": stream, "request": request,
                           "key": str(key).split("#")[0], "allocated_before": self.allocated,

@@ -2,6 +2,9 @@
 tier (`./zp-test --quick`, the inner loop) is marked: the core's unit tests, which start no process
 and train nothing. The full suite (`./zp-test`, what CI runs) is every test."""
 
+import os
+import tempfile
+
 import pytest
 
 # The modules of the quick tier: the pure core and the lab's readers, tested in-process.
@@ -9,6 +12,12 @@ QUICK_MODULES = {
     "test_layers", "test_partition_unit", "test_allocator", "test_memory", "test_planner", "test_steptime",
     "test_records", "test_dsconfig", "test_partial_ckpt", "test_report", "test_atomic",
 }
+
+
+def pytest_configure(config):
+    """Each test process (and what it starts) remembers validations in its own empty folder, so
+    no test is answered from a user's cache or from another test run's (zeroplan.adapters.cache)."""
+    os.environ["ZEROPLAN_CACHE_DIR"] = tempfile.mkdtemp(prefix="zeroplan-test-cache-")
 
 
 def _cuda_available() -> bool:
@@ -37,6 +46,9 @@ def skip_deepspeed_validation(monkeypatch):
     """recommend's DeepSpeed check answered in-process ("valid"), for tests about other faults."""
 
     class InProcess:
+        def start(self):
+            return self
+
         def validate(self, config, world_size, timeout_s=120):
             return [], ""
 

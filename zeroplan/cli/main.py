@@ -74,13 +74,21 @@ def main(argv: list[str] | None = None) -> int:
     if verb == "recommend" and not any(a in ("--help", "-h") for a in args):
         from zeroplan.adapters.validator_process import prestart
 
-        prestart()  # before typer and rich are imported: DeepSpeed's import is the long pole
+        prestart(args)  # before typer and rich are imported: DeepSpeed's import is the long pole
+    from zeroplan.adapters.cache import ReplayStore
+    from zeroplan.core.memory import use_replay_store
+
+    store = ReplayStore.open()  # replays of earlier runs (zeroplan.adapters.cache)
+    use_replay_store(store)
     try:
         return _run(args, verb)
     finally:
         from zeroplan.adapters.validator_process import discard_prestarted
 
         discard_prestarted()
+        use_replay_store(None)
+        if store is not None:
+            store.flush()
 
 
 def _run(args: list[str], verb: str | None) -> int:

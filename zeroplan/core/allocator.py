@@ -22,7 +22,7 @@ milliseconds.
 
 from __future__ import annotations
 
-import bisect
+from bisect import bisect_left, insort
 from dataclasses import dataclass, field
 
 MIB = 1024 * 1024
@@ -53,23 +53,25 @@ def segment_size(size: int) -> int:
     return -(-size // LARGE_ROUND) * LARGE_ROUND
 
 
+# Sizes and offsets are multiples of ROUND (512 bytes). In those units a free block's place in
+# its pool is ordered as the allocator's BlockComparator orders it (size, then segment, then
+# offset), packed in one integer (each in its own bit field) so that sorting and searching compare
+# machine words.
+_OFFSET_BITS, _SEGMENT_BITS = 40, 24
+_SIZE_SHIFT = _OFFSET_BITS + _SEGMENT_BITS
+
+
 class _Block:
-    """A span of one segment; neighbours linked for merging on free."""
+    """A span of one segment; neighbours linked for merging on free. `pool` is its pool's free
+    list: the order keys of the free blocks, sorted, and the blocks by key."""
 
-    __slots__ = ("segment", "offset", "size", "free", "prev", "next")
+    __slots__ = ("segment", "offset", "size", "free", "prev", "next", "key", "pool")
 
-    def __init__(self, segment: int, offset: int, size: int):
-        self.segment, self.offset, self.size, self.free = segment, offset, size, True
+    def __init__(self, segment: int, offset: int, size: int, pool: tuple[list, dict]):
+        self.segment, self.offset, self.size, self.free, self.pool = segment, offset, size, True, pool
         self.prev: _Block | None = None
         self.next: _Block | None = None
-
-
-def _absorb(left: "_Block", right: "_Block") -> None:
-    """Merge `right` into its free neighbour `left` (same segment, `right` just after it)."""
-    left.size += right.size
-    left.next = right.next
-    if right.next is not None:
-        right.next.prev = left
+        self.key = ((size >> 9) << _SIZE_SHIFT) | (segment << _OFFSET_BITS) | (offset >> 9)
 
 
 @dataclass
@@ -83,7 +85,8 @@ class CachingAllocator:
     peak_allocated: int = 0
     # the peak since `track_from` (replay's): the training steps' peak without the engine's set-up
     tracked_peak_allocated: int = 0
-    _free: dict = field(default_factory=dict)
+    # the free lists by (stream, small or large pool)
+    _pools: dict = field(default_factory=dict)
     _live: dict = field(default_factory=dict)
     _segments: dict = field(default_factory=dict)
     _next_segment: int = 0
@@ -93,89 +96,88 @@ class CachingAllocator:
         a cached block serves only requests of the stream it was allocated on (the BlockPool's
         ordering compares the stream first, so `get_free_block` never crosses streams)."""
         size = -(-size // ROUND) * ROUND or ROUND
-        pool = (size <= SMALL_REQUEST, stream)
-        block = self._take_free(pool, size) or self._new_segment(pool, size)
-        block.free = False
-        self._live[key] = (block, pool)
-        self.allocated += block.size
-        if self.allocated > self.peak_allocated:
-            self.peak_allocated = self.allocated
-        if self.allocated > self.tracked_peak_allocated:
-            self.tracked_peak_allocated = self.allocated
-
-    def free(self, key: object) -> None:
-        """Return `key`'s block to the cache, merged with free neighbours of its segment."""
-        block, pool = self._live.pop(key)
-        self.allocated -= block.size
-        block.free = True
-        after = block.next
-        if after is not None and after.free:
-            self._unlist(pool, after)
-            _absorb(block, after)
-        before = block.prev
-        if before is not None and before.free:
-            self._unlist(pool, before)
-            _absorb(before, block)
-            block = before
-        self._list(pool, block)
-
-    def is_live(self, key: object) -> bool:
-        """Whether `key` holds a block."""
-        return key in self._live
-
-    def _list(self, pool: tuple[bool, int], block: _Block) -> None:
-        keys, blocks = self._free.setdefault(pool, ([], {}))
-        index = (block.size, block.segment, block.offset)
-        bisect.insort(keys, index)
-        blocks[index] = block
-
-    def _unlist(self, pool: tuple[bool, int], block: _Block) -> None:
-        keys, blocks = self._free[pool]
-        index = (block.size, block.segment, block.offset)
-        del keys[bisect.bisect_left(keys, index)]
-        del blocks[index]
-
-    def _take_free(self, pool: tuple[bool, int], size: int) -> _Block | None:
-        lists = self._free.get(pool)
-        if lists is None:
-            return None
-        keys, blocks = lists
-        position = bisect.bisect_left(keys, (size,))
-        if position == len(keys):
-            return None
-        block = blocks.pop(keys.pop(position))
+        small = size <= SMALL_REQUEST
+        pool = self._pools.get((stream, small))
+        if pool is None:
+            pool = self._pools[(stream, small)] = ([], {})
+        # get_free_block: the smallest free block of the pool that holds `size` (ties: the lower
+        # segment, then the lower offset), split when the remainder is worth keeping
+        keys, blocks = pool
+        position = bisect_left(keys, (size >> 9) << _SIZE_SHIFT)
+        if position < len(keys):
+            block = blocks.pop(keys.pop(position))
+        else:
+            block = self._new_segment(pool, size, small)
         remainder = block.size - size
-        if remainder > (0 if pool[0] else SMALL_REQUEST) and remainder >= ROUND:
-            rest = _Block(block.segment, block.offset + size, remainder)
+        if remainder > (0 if small else SMALL_REQUEST) and remainder >= ROUND:  # should_split
+            rest = _Block(block.segment, block.offset + size, remainder, pool)
             rest.prev, rest.next = block, block.next
             if block.next is not None:
                 block.next.prev = rest
             block.next = rest
             block.size = size
-            index = (remainder, rest.segment, rest.offset)
-            bisect.insort(keys, index)
-            blocks[index] = rest
-        return block
+            insort(keys, rest.key)
+            blocks[rest.key] = rest
+        block.free = False
+        self._live[key] = block
+        allocated = self.allocated = self.allocated + block.size
+        if allocated > self.tracked_peak_allocated:
+            self.tracked_peak_allocated = allocated
+            if allocated > self.peak_allocated:
+                self.peak_allocated = allocated
 
-    def _new_segment(self, pool: tuple[bool, int], size: int) -> _Block:
-        grant = SMALL_SEGMENT if pool[0] else segment_size(size)
+    def free(self, key: object) -> None:
+        """Return `key`'s block to the cache, merged with free neighbours of its segment."""
+        block = self._live.pop(key)
+        self.allocated -= block.size
+        block.free = True
+        keys, blocks = block.pool
+        after = block.next
+        if after is not None and after.free:
+            del keys[bisect_left(keys, after.key)]
+            del blocks[after.key]
+            block.size += after.size
+            block.next = after.next
+            if after.next is not None:
+                after.next.prev = block
+        before = block.prev
+        if before is not None and before.free:
+            del keys[bisect_left(keys, before.key)]
+            del blocks[before.key]
+            before.size += block.size
+            before.next = block.next
+            if block.next is not None:
+                block.next.prev = before
+            block = before
+        block.key = index = ((block.size >> 9) << _SIZE_SHIFT) | (block.segment << _OFFSET_BITS) | (block.offset >> 9)
+        insort(keys, index)
+        blocks[index] = block
+
+    def is_live(self, key: object) -> bool:
+        """Whether `key` holds a block."""
+        return key in self._live
+
+    def _new_segment(self, pool: tuple[list, dict], size: int, small: bool) -> _Block:
+        """No cached block fits: cudaMalloc a segment (`get_allocation_size`) to take `size` from."""
+        grant = SMALL_SEGMENT if small else segment_size(size)
         if self.reserved + grant > self.capacity:
             self._release_cached()
         segment = self._next_segment
         self._next_segment += 1
-        block = _Block(segment, 0, grant)
-        self._segments[segment] = (block, pool)
+        block = _Block(segment, 0, grant, pool)
+        self._segments[segment] = block
         self.reserved += grant
         if self.reserved > self.peak_reserved:
             self.peak_reserved = self.reserved
-        self._list(pool, block)
-        return self._take_free(pool, size)
+        return block
 
     def _release_cached(self) -> None:
         """cudaMalloc failed: give back every segment that holds no live block, then retry."""
-        for segment, (first, pool) in list(self._segments.items()):
+        for segment, first in list(self._segments.items()):
             if first.free and first.next is None and first.offset == 0:
-                self._unlist(pool, first)
+                keys, blocks = first.pool
+                del keys[bisect_left(keys, first.key)]
+                del blocks[first.key]
                 self.reserved -= first.size
                 del self._segments[segment]
 
@@ -216,11 +218,14 @@ def replay(events, capacity: int = 1 << 62, track_from: int = 0) -> CachingAlloc
     """Run ("malloc", key, bytes, stream) / ("free", key) events through a fresh allocator;
     `tracked_peak_allocated` is the peak from event `track_from` on (what is live then included)."""
     allocator = CachingAllocator(capacity=capacity)
-    for index, event in enumerate(events):
-        if index == track_from:
+    malloc, free = allocator.malloc, allocator.free
+    parts = (events[:track_from], events[track_from:]) if track_from < len(events) else (events,)
+    for number, part in enumerate(parts):
+        if number == 1:
             allocator.tracked_peak_allocated = allocator.allocated
-        if event[0] == "malloc":
-            allocator.malloc(event[1], event[2], event[3])
-        else:
-            allocator.free(event[1])
+        for event in part:
+            if event[0] == "malloc":
+                malloc(event[1], event[2], event[3])
+            else:
+                free(event[1])
     return allocator

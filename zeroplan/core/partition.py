@@ -19,9 +19,10 @@ Pure Python: no torch or deepspeed import.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 from zeroplan.core.errors import InvalidInput
-from zeroplan.core.params import lora_tensors, model_tensors
+from zeroplan.core.params import TOWERS, lora_tensors, model_tensors
 from zeroplan.core.plan import Plan, TrainShape
 from zeroplan.core.profiles import ModelProfile
 from zeroplan.core.dtypes import BF16_BYTES, FP32_BYTES
@@ -52,15 +53,27 @@ def trainable_numels(profile: ModelProfile, shape: TrainShape) -> tuple[int, ...
     """Element counts of the optimized tensors in named_parameters() order: the trained towers'
     tensors, then (with LoRA) PEFT's adapters, which live inside the LLM and so come after the
     vision tower and projector."""
-    numels = [t.numel for t in model_tensors(profile) if shape.trains(t.tower)]
-    if shape.lora_rank:
-        numels += [t.numel for t in lora_tensors(profile, shape.lora_rank)]
-    return tuple(n for n in numels if n > 0)
+    return _numels(profile, _trained_towers(shape), shape.lora_rank)[0]
 
 
 def frozen_numels(profile: ModelProfile, shape: TrainShape) -> tuple[int, ...]:
     """Element counts of the model tensors that get no gradient (frozen towers, LoRA's base LLM)."""
-    return tuple(t.numel for t in model_tensors(profile) if not shape.trains(t.tower))
+    return _numels(profile, _trained_towers(shape), shape.lora_rank)[1]
+
+
+def _trained_towers(shape: TrainShape) -> frozenset[str]:
+    return frozenset(tower for tower in TOWERS if shape.trains(tower))
+
+
+@lru_cache(maxsize=64)
+def _numels(profile: ModelProfile, trained: frozenset[str], lora_rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(trainable, frozen) element counts; the planner asks for the same model and towers under
+    every plan, so they are listed once."""
+    tensors = model_tensors(profile)
+    numels = [t.numel for t in tensors if t.tower in trained]
+    if lora_rank:
+        numels += [t.numel for t in lora_tensors(profile, lora_rank)]
+    return tuple(n for n in numels if n > 0), tuple(t.numel for t in tensors if t.tower not in trained)
 
 
 def _ceil_div(a: int, b: int) -> int:

@@ -80,6 +80,7 @@ from zeroplan.core.activations import activation_bytes
 from zeroplan.core.collectives import collectives, links_of, split_by_when
 from zeroplan.core.flops import backward_factors, shape_flops
 from zeroplan.core.params import count_parameters, lora_tensors, model_tensors
+from zeroplan.core.partition import trainable_numels
 from zeroplan.core.plan import Plan, TrainShape
 from zeroplan.core.profiles import GPUProfile, ModelProfile
 from zeroplan.core.dtypes import BF16_BYTES
@@ -145,8 +146,7 @@ def ring_bandwidth_bytes_per_s(gpu: GPUProfile, plan: Plan, collective: str = "a
 
 
 def _trainable_elems(profile: ModelProfile, shape: TrainShape) -> int:
-    trained = sum(t.numel for t in model_tensors(profile) if shape.trains(t.tower))
-    return trained + sum(t.numel for t in lora_tensors(profile, shape.lora_rank)) if shape.lora_rank else trained
+    return sum(trainable_numels(profile, shape))
 
 
 def partitioned_module_count(profile: ModelProfile, plan: Plan) -> int:
