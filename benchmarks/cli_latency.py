@@ -120,7 +120,8 @@ def render_readme(results: dict) -> str:
         "# CLI latency", "",
         f"Measured {results['date_utc']} by `{results['script']}` on {m['nproc']} cores ({m['cpu_model']}), "
         f"Python {m['python']}.", "",
-        f"Each command ran once untimed (a warm-up that only fills the OS file cache), then "
+        f"Each command ran once untimed (a warm-up that fills the OS file cache and, asked before, "
+        f"zeroplan's own), then "
         f"{results['repeats']} timed runs as fresh processes through the installed console script. "
         f"1-minute load average before the runs: {results['load_before']} (waited while above "
         f"{results['max_load']}; seen while waiting: {results['loads_seen']}); after: {results['load_after']}.", "",
