@@ -39,9 +39,9 @@ def rows_for(sweep: Path, calibrated, plain) -> list[dict]:
         status = record["status"]
         ok = points_from_records([record])
         point = ok[0] if ok else None
-        if point is None:
+        if point is None:  # a failed run: only its shape and plan are read, so the measurements are placeholders
             fake = dict(record, status="ok", measured_peak_allocated_bytes=1, measured_peak_reserved_bytes=1,
-                        step_time_s=record.get("step_time_s") or 0.0)
+                        step_time_s=record.get("step_time_s") or 1.0)
             point = points_from_records([fake])[0]
         profile = record_profile(record)
         steps, accumulation = point.step_tiles, point.gradient_accumulation

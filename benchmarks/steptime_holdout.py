@@ -2,8 +2,10 @@
 the overlap-aware one (the larger of GPU and host time, plus the serial parts), each fitted on one half
 of the committed single-node runs and scored on the other.
 
-The runs: every steady finished run of reports/h100_*/results.jsonl and reports/h200_*/results.jsonl
-(zeroplan.lab.stepfit.steady), each timed in its own mode (the older runs are all "sync").
+The runs: every steady finished run of zeroplan's own training loop in reports/h100_*/results.jsonl and
+reports/h200_*/results.jsonl (zeroplan.lab.stepfit.steady), each timed in its own mode (the older runs
+are all "sync"). Runs through the HF Trainer (spec trainer "hf": reports/h200_hf_*) are left out: they
+were made to measure memory, and their steps add the Trainer's own per-step work.
 The split: a run is in the fit half when the first byte of sha256(point id) is even, so a point run in
 several sweeps lands on one side only; reports/h200_timing is held out entirely. The fit takes what
 `zeroplan calibrate` takes from its half (one GPU, no offload, no ZeRO-3 with compiled layers), pooled
@@ -56,6 +58,8 @@ def load_runs(root: Path, steady_only: bool = True) -> list[tuple[str, dict, Tim
     for path in paths:
         sweep = Path(path).parent.name
         for record in read(Path(path)).records:
+            if (record.get("spec") or {}).get("trainer", "zeroplan") != "zeroplan":
+                continue
             run = timed_run(record) if steady(record) or not steady_only else None
             if run is not None:
                 out.append((sweep, record, run))

@@ -2,7 +2,7 @@
 errors, nothing written on failure; and on success each verb writes only where it was told.
 
 The strategies and the checker live in benchmarks/fuzz_cli.py (which runs them for 10,000+
-invocations); here each verb gets ~150 generated invocations plus fixed regression cases.
+invocations); here each verb gets ~150 generated invocations (calibrate 60) plus fixed regression cases.
 """
 
 from __future__ import annotations
@@ -25,6 +25,9 @@ sys.modules["fuzz_cli"] = fuzz_cli
 _spec.loader.exec_module(fuzz_cli)
 
 EXAMPLES_PER_VERB = 150
+# calibrate's well-formed invocations fit the step-time model (two seconds each): fewer of them keep
+# its share of the suite near the other verbs' (benchmarks/fuzz_cli.py explores it at full count).
+EXAMPLES = {"calibrate": 60}
 # The suite replays the same examples on every run, so a red CI is a change in the code, not a new draw;
 # ZP_FUZZ_RANDOM=1 explores fresh ones (as benchmarks/fuzz_cli.py does), and what it finds becomes a fixed case.
 SEED = None if os.environ.get("ZP_FUZZ_RANDOM") == "1" else 0
@@ -48,8 +51,9 @@ def _explain(bad) -> str:
 def test_generated_invocations_keep_the_cli_contract(verb, arena):
     fixtures, fixtures_dir, scratch = arena
     outcomes: list = []
-    fuzz_cli.run_verb(verb, EXAMPLES_PER_VERB, fixtures, fixtures_dir, scratch, outcomes, SEED)
-    assert len(outcomes) >= EXAMPLES_PER_VERB // 2
+    examples = EXAMPLES.get(verb, EXAMPLES_PER_VERB)
+    fuzz_cli.run_verb(verb, examples, fixtures, fixtures_dir, scratch, outcomes, SEED)
+    assert len(outcomes) >= examples // 2
     bad = [o for o in outcomes if o.problems]
     assert not bad, _explain(bad)
 
