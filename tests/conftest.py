@@ -28,8 +28,21 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+# The files that take longest (each over half a minute on a 2-core machine) run first, longest
+# first: with one worker per core and a file's tests kept on one worker (--dist loadfile), a long
+# file started last would leave the other worker idle at the end.
+LONG_FIRST = ("test_partition_deepspeed", "test_fuzz_cli", "test_runner_cpu", "test_runner_fast", "test_trainers",
+              "test_pipeline_cli", "test_hostmem_hints", "test_steptime", "test_bench_resume")
+
+
 def pytest_collection_modifyitems(config, items):
-    """Mark the quick tier; skip tests marked `gpu` on machines without a CUDA GPU (CI, laptops)."""
+    """Long files first; mark the quick tier; skip tests marked `gpu` on machines without a CUDA GPU
+    (CI, laptops)."""
+    def place(item) -> int:
+        name = item.module.__name__.rsplit(".", 1)[-1]
+        return LONG_FIRST.index(name) if name in LONG_FIRST else len(LONG_FIRST)
+
+    items.sort(key=place)  # stable: each file's tests keep their order
     for item in items:
         if item.module.__name__.rsplit(".", 1)[-1] in QUICK_MODULES and "slow" not in item.keywords:
             item.add_marker(pytest.mark.quick)
