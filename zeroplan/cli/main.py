@@ -67,6 +67,10 @@ def _one_line(message: str) -> str:
     return " ".join(str(message).split())
 
 
+# The verbs that predict memory (and so replay the allocator).
+_PREDICTING_VERBS = frozenset({"recommend", "estimate", "validate", "generate", "calibrate", "report"})
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; return the exit status instead of raising."""
     args = argv if argv is not None else sys.argv[1:]
@@ -75,19 +79,21 @@ def main(argv: list[str] | None = None) -> int:
         from zeroplan.adapters.validator_process import prestart
 
         prestart(args)  # before typer and rich are imported: DeepSpeed's import is the long pole
-    from zeroplan.adapters.cache import ReplayStore
-    from zeroplan.core.memory import use_replay_store
+    store = None
+    if verb in _PREDICTING_VERBS:  # replays of earlier runs (zeroplan.adapters.cache)
+        from zeroplan.adapters.cache import ReplayStore
+        from zeroplan.core.memory import use_replay_store
 
-    store = ReplayStore.open()  # replays of earlier runs (zeroplan.adapters.cache)
-    use_replay_store(store)
+        store = ReplayStore.open()
+        use_replay_store(store)
     try:
         return _run(args, verb)
     finally:
         from zeroplan.adapters.validator_process import discard_prestarted
 
         discard_prestarted()
-        use_replay_store(None)
         if store is not None:
+            use_replay_store(None)
             store.flush()
 
 
