@@ -194,3 +194,38 @@ def test_the_store_keeps_the_newest_and_survives_damage(cache, monkeypatch):
     assert zcache.ReplayStore.open().get("inputs 4") is None
     monkeypatch.setenv("ZEROPLAN_CACHE", "off")
     assert zcache.ReplayStore.open() is None
+
+
+# ---------------------------------------------------------------- DeepSpeed's estimators
+
+
+def test_deepspeeds_estimates_are_kept_and_equal_a_fresh_call(cache, monkeypatch):
+    from zeroplan.adapters import deepspeed_adapter
+    from zeroplan.core.plan import Plan, TrainShape
+    from zeroplan.core.profiles import load_model
+
+    profile, shape = load_model("26b"), TrainShape()
+    plan = Plan(stage=3, gpus_per_node=8, nodes=2, offload_optimizer="cpu")
+    fresh = deepspeed_adapter.estimator_bytes(profile, shape, plan)
+    monkeypatch.setattr(deepspeed_adapter, "_deepspeed_estimates",
+                        lambda **kw: (_ for _ in ()).throw(AssertionError("DeepSpeed called")))
+    assert deepspeed_adapter.estimator_bytes(profile, shape, plan) == fresh
+    # another stage reads the same two formulas; another cluster is another request
+    assert deepspeed_adapter.estimator_bytes(profile, shape, plan.with_(stage=1))["zero2"] == fresh["zero2"]
+    with pytest.raises(AssertionError, match="DeepSpeed called"):
+        deepspeed_adapter.estimator_bytes(profile, shape, plan.with_(nodes=4))
+
+
+def test_a_package_found_elsewhere_is_another_key(cache, monkeypatch):
+    from importlib import util
+
+    request = {"config": CONFIG, "world_size": 8, "trainer": None}
+    key = zcache.request_key(request)
+    real = util.find_spec
+    monkeypatch.setattr(util, "find_spec", lambda name, *a: None if name == "deepspeed" else real(name, *a))
+    zcache._versions.cache_clear()
+    try:
+        assert zcache.request_key(request) != key
+    finally:
+        monkeypatch.undo()
+        zcache._versions.cache_clear()

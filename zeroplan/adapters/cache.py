@@ -15,7 +15,9 @@ store keys it by them and by a hash of the core's source, so any change to the m
 starts an empty store.
 
 Where: `$ZEROPLAN_CACHE_DIR`, else `$XDG_CACHE_HOME/zeroplan`, else `~/.cache/zeroplan`: one small
-JSON file per accepted config under `validated/`, one file of replays under `replays/`.
+JSON file per accepted config under `validated/` and per model and cluster under `estimators/`
+(DeepSpeed's own model-state estimates, which `estimate` prints beside zeroplan's), one file of
+replays under `replays/`.
 `ZEROPLAN_CACHE=off` turns both off. A cache that cannot be read or written is skipped silently:
 it only ever saves time.
 """
@@ -53,15 +55,22 @@ def cache_dir() -> Path | None:
 
 
 @lru_cache(maxsize=1)
-def _versions() -> dict[str, str | None]:
-    from importlib import metadata
+def _versions() -> dict[str, list[str | None]]:
+    """Each deciding package's installed version and the file `import` would load it from (found,
+    not imported: a package shadowed or removed on this path is another key)."""
+    from importlib import metadata, util
 
-    found: dict[str, str | None] = {}
+    found: dict[str, list[str | None]] = {}
     for package in DECIDING_PACKAGES:
         try:
-            found[package] = metadata.version(package)
+            version = metadata.version(package)
         except metadata.PackageNotFoundError:
-            found[package] = None
+            version = None
+        try:
+            spec = util.find_spec(package)
+        except (ImportError, ValueError):
+            spec = None
+        found[package] = [version, spec.origin if spec is not None else None]
     return found
 
 
@@ -82,15 +91,36 @@ def request_key(request: dict) -> str:
     return hashlib.sha256(json.dumps(material, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def recall(request: dict) -> dict | None:
-    """The remembered answer ({"auto": [...], "note": "..."}) to `request`, or None."""
-    folder = cache_dir()
-    if folder is None:
+def _read_entry(kind: str, request: dict):
+    """The remembered JSON value of `request` under `kind`, or None."""
+    root = cache_root()
+    if root is None:
         return None
     try:
-        answer = json.loads((folder / f"{request_key(request)}.json").read_text())
+        return json.loads((root / kind / f"{request_key(request)}.json").read_text())
     except (OSError, ValueError):
         return None
+
+
+def _write_entry(kind: str, request: dict, value) -> bool:
+    """Keep `value` for `request` under `kind`; True when kept."""
+    root = cache_root()
+    if root is None:
+        return False
+    from zeroplan.core.atomic import write_atomic
+    from zeroplan.core.errors import InvalidInput
+
+    try:
+        (root / kind).mkdir(parents=True, exist_ok=True)
+        write_atomic(root / kind / f"{request_key(request)}.json", json.dumps(value))
+    except (OSError, InvalidInput):  # a read-only home, a full disk: only time is lost
+        return False
+    return True
+
+
+def recall(request: dict) -> dict | None:
+    """The remembered answer ({"auto": [...], "note": "..."}) to a validation `request`, or None."""
+    answer = _read_entry("validated", request)
     if not isinstance(answer, dict) or not isinstance(answer.get("auto"), list) or not isinstance(
             answer.get("note"), str):
         return None
@@ -99,19 +129,24 @@ def recall(request: dict) -> dict | None:
 
 def remember(request: dict, answer: dict) -> bool:
     """Keep an acceptance (an answer with no error); anything else is not kept. True when kept."""
-    folder = cache_dir()
-    if folder is None or answer.get("error") or answer.get("note", "").startswith("not validated"):
+    if answer.get("error") or answer.get("note", "").startswith("not validated"):
         return False
-    from zeroplan.core.atomic import write_atomic
-    from zeroplan.core.errors import InvalidInput
+    return _write_entry("validated", request, {"auto": answer.get("auto", []), "note": answer.get("note", "")})
 
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        write_atomic(folder / f"{request_key(request)}.json",
-                     json.dumps({"auto": answer.get("auto", []), "note": answer.get("note", "")}))
-    except (OSError, InvalidInput):  # a read-only home, a full disk: only time is lost
-        return False
-    return True
+
+def recall_estimates(request: dict) -> dict | None:
+    """DeepSpeed's model-state estimates remembered for `request` (the arguments its
+    estimate_zero2/3_model_states_mem_needs were given), or None."""
+    found = _read_entry("estimators", request)
+    ok = isinstance(found, dict) and all(
+        isinstance(found.get(formula), dict) and all(isinstance(found[formula].get(k), int) for k in
+                                                     ("gpu_bytes", "cpu_bytes")) for formula in ("zero2", "zero3"))
+    return found if ok else None
+
+
+def remember_estimates(request: dict, estimates: dict) -> bool:
+    """Keep DeepSpeed's estimates ({"zero2": {...}, "zero3": {...}}) for `request`."""
+    return _write_entry("estimators", request, {formula: estimates[formula] for formula in ("zero2", "zero3")})
 
 
 def command_hint(argv: list[str]) -> str:

@@ -208,28 +208,23 @@ def estimator_bytes(profile: ModelProfile, shape: TrainShape, plan: Plan) -> dic
     whole. CPU bytes are per node. `for_stage` picks the one matching the plan; DeepSpeed has no
     stage 0/1 estimator, so those use the ZeRO-2 formula (an under-estimate for stage 0/1, where
     gradients are not partitioned), said in `note`."""
-    try:
-        estimate_zero3_model_states_mem_needs = _import_deepspeed(
-            "deepspeed.runtime.zero.stage3").estimate_zero3_model_states_mem_needs
-        estimate_zero2_model_states_mem_needs = _import_deepspeed(
-            "deepspeed.runtime.zero.stage_1_and_2").estimate_zero2_model_states_mem_needs
-    except ImportError as error:
-        return {"zero2": None, "zero3": None, "for_stage": None,
-                "reason": f"deepspeed is not importable ({error}); its estimators were skipped"}
     trainable = _trainable_params(profile, shape)
     largest_layer = count_parameters(profile).largest_layer
     offload_optimizer, offload_params = plan.offload_optimizer != "none", plan.offload_params != "none"
-    zero2_cpu, zero2_gpu = estimate_zero2_model_states_mem_needs(
-        total_params=trainable, num_gpus_per_node=plan.gpus_per_node, num_nodes=plan.nodes,
-        cpu_offload=offload_optimizer)
-    zero3_cpu, zero3_gpu, _ = estimate_zero3_model_states_mem_needs(
-        total_params=trainable, largest_layer_params=largest_layer, num_gpus_per_node=plan.gpus_per_node,
-        num_nodes=plan.nodes, cpu_offload=offload_optimizer, cpu_offload_params=offload_params, zero_init=True)
-    estimates: dict[str, Any] = {
-        "zero2": {"gpu_bytes": int(zero2_gpu), "cpu_bytes": int(zero2_cpu)},
-        "zero3": {"gpu_bytes": int(zero3_gpu), "cpu_bytes": int(zero3_cpu)},
-        "total_params": trainable, "largest_layer_params": largest_layer,
-    }
+    request = {"total_params": trainable, "largest_layer_params": largest_layer, "gpus_per_node": plan.gpus_per_node,
+               "nodes": plan.nodes, "cpu_offload": offload_optimizer, "cpu_offload_params": offload_params}
+    from zeroplan.adapters import cache
+
+    estimates = cache.recall_estimates(request)  # the same numbers from this DeepSpeed before
+    if estimates is None:
+        try:
+            estimates = _deepspeed_estimates(**request)
+        except ImportError as error:
+            return {"zero2": None, "zero3": None, "for_stage": None,
+                    "reason": f"deepspeed is not importable ({error}); its estimators were skipped"}
+        cache.remember_estimates(request, estimates)
+    estimates = {"zero2": estimates["zero2"], "zero3": estimates["zero3"], "total_params": trainable,
+                 "largest_layer_params": largest_layer}
     formula = "zero3" if plan.stage == 3 else "zero2"
     estimates["for_stage"] = {**estimates[formula], "formula": f"estimate_{formula}_model_states_mem_needs"}
     if plan.stage < 2:
@@ -238,6 +233,22 @@ def estimator_bytes(profile: ModelProfile, shape: TrainShape, plan: Plan) -> dic
                                           f"formula, which partitions the {kept_whole} that stage {plan.stage} "
                                           "keeps whole on every GPU (an under-estimate)")
     return estimates
+
+
+def _deepspeed_estimates(total_params: int, largest_layer_params: int, gpus_per_node: int, nodes: int,
+                         cpu_offload: bool, cpu_offload_params: bool) -> dict[str, dict[str, int]]:
+    """DeepSpeed's estimate_zero2/3_model_states_mem_needs themselves (raises ImportError without DeepSpeed)."""
+    estimate_zero3_model_states_mem_needs = _import_deepspeed(
+        "deepspeed.runtime.zero.stage3").estimate_zero3_model_states_mem_needs
+    estimate_zero2_model_states_mem_needs = _import_deepspeed(
+        "deepspeed.runtime.zero.stage_1_and_2").estimate_zero2_model_states_mem_needs
+    zero2_cpu, zero2_gpu = estimate_zero2_model_states_mem_needs(
+        total_params=total_params, num_gpus_per_node=gpus_per_node, num_nodes=nodes, cpu_offload=cpu_offload)
+    zero3_cpu, zero3_gpu, _ = estimate_zero3_model_states_mem_needs(
+        total_params=total_params, largest_layer_params=largest_layer_params, num_gpus_per_node=gpus_per_node,
+        num_nodes=nodes, cpu_offload=cpu_offload, cpu_offload_params=cpu_offload_params, zero_init=True)
+    return {"zero2": {"gpu_bytes": int(zero2_gpu), "cpu_bytes": int(zero2_cpu)},
+            "zero3": {"gpu_bytes": int(zero3_gpu), "cpu_bytes": int(zero3_cpu)}}
 
 
 def estimator_quietly(profile: ModelProfile, shape: TrainShape, plan: Plan) -> dict[str, Any]:
