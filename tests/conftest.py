@@ -28,11 +28,12 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-# The files that take longest (each over half a minute on a 2-core machine) run first, longest
+# The files that take longest (over ten seconds each on a 2-core machine) run first, longest
 # first: with one worker per core and a file's tests kept on one worker (--dist loadfile), a long
 # file started last would leave the other worker idle at the end.
 LONG_FIRST = ("test_partition_deepspeed", "test_fuzz_cli", "test_runner_cpu", "test_runner_fast", "test_trainers",
-              "test_pipeline_cli", "test_hostmem_hints", "test_steptime", "test_bench_resume")
+              "test_pipeline_cli", "test_hostmem_hints", "test_steptime", "test_bench_resume", "test_planner",
+              "test_runner_hf_trainer", "test_hardening", "test_memory")
 
 
 def pytest_collection_modifyitems(config, items):
