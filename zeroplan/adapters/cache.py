@@ -48,10 +48,24 @@ def cache_root() -> Path | None:
     return Path(base) / "zeroplan"
 
 
-def cache_dir() -> Path | None:
-    """The folder of remembered validations, or None when caching is off."""
+def _folder(kind: str) -> Path | None:
+    """The folder of one kind of remembered thing, or None when caching is off."""
     root = cache_root()
-    return None if root is None else root / "validated"
+    return None if root is None else root / kind
+
+
+def _write(path: Path, text: str) -> bool:
+    """Write `path` atomically, its folder made if missing; False when it cannot be (a read-only
+    home, a full disk: only time is lost)."""
+    from zeroplan.core.atomic import write_atomic
+    from zeroplan.core.errors import InvalidInput
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, text)
+    except (OSError, InvalidInput):
+        return False
+    return True
 
 
 @lru_cache(maxsize=1)
@@ -93,29 +107,19 @@ def request_key(request: dict) -> str:
 
 def _read_entry(kind: str, request: dict):
     """The remembered JSON value of `request` under `kind`, or None."""
-    root = cache_root()
-    if root is None:
+    folder = _folder(kind)
+    if folder is None:
         return None
     try:
-        return json.loads((root / kind / f"{request_key(request)}.json").read_text())
+        return json.loads((folder / f"{request_key(request)}.json").read_text())
     except (OSError, ValueError):
         return None
 
 
 def _write_entry(kind: str, request: dict, value) -> bool:
     """Keep `value` for `request` under `kind`; True when kept."""
-    root = cache_root()
-    if root is None:
-        return False
-    from zeroplan.core.atomic import write_atomic
-    from zeroplan.core.errors import InvalidInput
-
-    try:
-        (root / kind).mkdir(parents=True, exist_ok=True)
-        write_atomic(root / kind / f"{request_key(request)}.json", json.dumps(value))
-    except (OSError, InvalidInput):  # a read-only home, a full disk: only time is lost
-        return False
-    return True
+    folder = _folder(kind)
+    return folder is not None and _write(folder / f"{request_key(request)}.json", json.dumps(value))
 
 
 def recall(request: dict) -> dict | None:
@@ -157,7 +161,7 @@ def command_hint(argv: list[str]) -> str:
 def expects_answer(hint: str) -> bool:
     """Whether the command line named `hint` led last time to an answer the cache still holds (a
     guess about this run, used only to skip starting DeepSpeed's import early)."""
-    folder = cache_dir()
+    folder = _folder("validated")
     if folder is None:
         return False
     try:
@@ -169,17 +173,9 @@ def expects_answer(hint: str) -> bool:
 
 def link(hints: list[str], request: dict) -> None:
     """Note that the command line named in `hints` (none or one) led to `request`."""
-    folder = cache_dir()
-    if folder is None or not hints:
-        return
-    from zeroplan.core.atomic import write_atomic
-    from zeroplan.core.errors import InvalidInput
-
-    try:
-        (folder / "commands").mkdir(parents=True, exist_ok=True)
-        write_atomic(folder / "commands" / hints[0], request_key(request) + "\n")
-    except (OSError, InvalidInput):
-        pass
+    folder = _folder("validated")
+    if folder is not None and hints:
+        _write(folder / "commands" / hints[0], request_key(request) + "\n")
 
 
 # ---------------------------------------------------------------- allocator replays
@@ -211,11 +207,11 @@ class ReplayStore:
     @classmethod
     def open(cls) -> "ReplayStore | None":
         """The user's store, or None when caching is off or the core's source cannot be read."""
-        root = cache_root()
-        if root is None:
+        folder = _folder("replays")
+        if folder is None:
             return None
         try:
-            return cls(root / "replays")
+            return cls(folder)
         except OSError:
             return None
 
@@ -247,17 +243,13 @@ class ReplayStore:
         """Write the replays this run added; replays of an older core's source are removed."""
         if not self._added:
             return
-        from zeroplan.core.atomic import write_atomic
-        from zeroplan.core.errors import InvalidInput
-
         merged = {**self._read(), **self._added}
         kept = dict(list(merged.items())[-MAX_REPLAYS:])
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            write_atomic(self.path, json.dumps(kept, separators=(",", ":")))
+        if _write(self.path, json.dumps(kept, separators=(",", ":"))):
             for stale in self.path.parent.glob("replays-*.json"):
                 if stale != self.path:
-                    stale.unlink(missing_ok=True)
-        except (OSError, InvalidInput):
-            pass
+                    try:
+                        stale.unlink(missing_ok=True)
+                    except OSError:
+                        pass
         self._added = {}

@@ -71,7 +71,27 @@ class _Block:
         self.segment, self.offset, self.size, self.free, self.pool = segment, offset, size, True, pool
         self.prev: _Block | None = None
         self.next: _Block | None = None
-        self.key = ((size >> 9) << _SIZE_SHIFT) | (segment << _OFFSET_BITS) | (offset >> 9)
+        self.key = _order(size, segment, offset)
+
+
+def _order(size: int, segment: int, offset: int) -> int:
+    """A free block's place in its pool's free list."""
+    return ((size >> 9) << _SIZE_SHIFT) | (segment << _OFFSET_BITS) | (offset >> 9)
+
+
+def _unlist(block: _Block) -> None:
+    """Take a free block off its pool's free list."""
+    keys, blocks = block.pool
+    del keys[bisect_left(keys, block.key)]
+    del blocks[block.key]
+
+
+def _absorb(left: _Block, right: _Block) -> None:
+    """Merge `right` into `left`, its neighbour just before it in the segment."""
+    left.size += right.size
+    left.next = right.next
+    if right.next is not None:
+        right.next.prev = left
 
 
 @dataclass
@@ -131,25 +151,17 @@ class CachingAllocator:
         block = self._live.pop(key)
         self.allocated -= block.size
         block.free = True
-        keys, blocks = block.pool
         after = block.next
         if after is not None and after.free:
-            del keys[bisect_left(keys, after.key)]
-            del blocks[after.key]
-            block.size += after.size
-            block.next = after.next
-            if after.next is not None:
-                after.next.prev = block
+            _unlist(after)
+            _absorb(block, after)
         before = block.prev
         if before is not None and before.free:
-            del keys[bisect_left(keys, before.key)]
-            del blocks[before.key]
-            before.size += block.size
-            before.next = block.next
-            if block.next is not None:
-                block.next.prev = before
+            _unlist(before)
+            _absorb(before, block)
             block = before
-        block.key = index = ((block.size >> 9) << _SIZE_SHIFT) | (block.segment << _OFFSET_BITS) | (block.offset >> 9)
+        block.key = index = _order(block.size, block.segment, block.offset)
+        keys, blocks = block.pool
         insort(keys, index)
         blocks[index] = block
 
@@ -175,9 +187,7 @@ class CachingAllocator:
         """cudaMalloc failed: give back every segment that holds no live block, then retry."""
         for segment, first in list(self._segments.items()):
             if first.free and first.next is None and first.offset == 0:
-                keys, blocks = first.pool
-                del keys[bisect_left(keys, first.key)]
-                del blocks[first.key]
+                _unlist(first)
                 self.reserved -= first.size
                 del self._segments[segment]
 
