@@ -3,7 +3,9 @@ case, runs one forward/backward/step of the tiny InternVL and writes the model-s
 really holds to <out_dir>/<case>.rank<r>.json.
 
 Run as `python tests/_ds_worker.py CASES_JSON OUT_DIR` with RANK, WORLD_SIZE, LOCAL_RANK,
-MASTER_ADDR and MASTER_PORT set (the test starts one such process per rank).
+MASTER_ADDR and MASTER_PORT set (the test starts one such process per rank). With ZP_REHEARSE=1 the
+process is alone: it plays rank RANK of WORLD_SIZE on torch's fake process group, as the runner's
+rehearsal does (zeroplan.runner.rehearsal), and names its files <case>.fake.rank<r>.json.
 
 Measurement points, each field as DeepSpeed holds it:
 - grads: after backward, before step: distinct storages behind every param's `.grad`, the
@@ -22,33 +24,10 @@ from pathlib import Path
 
 import torch
 
+from zeroplan.runner import states
+
 TOWER_PREFIXES = {"vision": "model.vision_tower.", "projector": "model.multi_modal_projector."}
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
-
-
-def _storage_bytes(tensors) -> int:
-    """Bytes of the distinct storages behind the tensors (views of one buffer count once)."""
-    seen: dict[int, int] = {}
-    for tensor in tensors:
-        if tensor is None:
-            continue
-        storage = tensor.untyped_storage()
-        if storage.nbytes():
-            seen[storage.data_ptr()] = storage.nbytes()
-    return sum(seen.values())
-
-
-def _flatten(value):
-    if value is None:
-        return []
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, dict):
-        value = list(value.values())
-    out = []
-    for item in value:
-        out += _flatten(item)
-    return out
 
 
 def _tower(name: str) -> str:
@@ -127,54 +106,10 @@ def measure_grads(engine, stage: int, offloaded: bool) -> int:
     optimizer = engine.optimizer
     tensors = [p.grad for p in engine.module.parameters()]
     host = ("grad_partitions_flat_buffer",) if offloaded else ()
-    for attr in ("averaged_gradients", "grads_in_partition", "grad_partitions_flat_buffer",
-                 "temp_grad_buffer_for_gpu_offload"):
-        if attr in host:
-            continue
-        tensors += _flatten(getattr(optimizer, attr, None))
-    return _storage_bytes(tensors)
-
-
-def measure_params(engine, stage: int) -> int:
-    if stage < 3:
-        return _storage_bytes(p.data for p in engine.module.parameters())
-    tensors = []
-    for param in engine.module.parameters():
-        tensors += [param.ds_tensor, param.data]
-    return _storage_bytes(tensors)
-
-
-def master_tensors(optimizer, stage: int):
-    if stage == 0:
-        return _flatten(optimizer.fp32_groups)
-    if stage in (1, 2):
-        return list(optimizer.single_partition_of_fp32_groups)
-    return list(optimizer.fp32_partitioned_groups_flat)
-
-
-def measure_states(basic) -> int:
-    return _storage_bytes(state[key] for state in basic.state.values() for key in ("exp_avg", "exp_avg_sq")
-                          if key in state)
-
-
-def partition_counts(engine, stage: int) -> tuple[int, int]:
-    optimizer = engine.optimizer
-    if stage == 0:
-        return sum(p.numel() for p in _flatten(optimizer.fp32_groups)), 0
-    if stage in (1, 2):
-        return int(optimizer.partition_size[0]), int(optimizer.groups_padding[0])
-    elems = sum(int(p.partition_numel()) for group in optimizer.fp16_groups for p in group)
-    return elems, int(sum(sum(group) for group in optimizer.groups_padding))
-
-
-def offload_cpu_bytes(engine, stage: int) -> int:
-    optimizer = engine.optimizer
-    tensors = master_tensors(optimizer, stage)
-    tensors += [t.grad for t in tensors]
-    for attr in ("param_buffer_of_bit16_for_cpu_offload_groups", "temp_grad_buffer_for_cpu_offload",
-                 "grad_partitions_flat_buffer"):
-        tensors += _flatten(getattr(optimizer, attr, None))
-    return _storage_bytes(tensors) + measure_states(optimizer.optimizer)
+    for attr in states.GRAD_BUFFERS:
+        if attr not in host:
+            tensors += states.flatten(getattr(optimizer, attr, None))
+    return states.storage_bytes(tensors)
 
 
 def run_case(case: dict, out_dir: Path) -> None:
@@ -190,7 +125,7 @@ def run_case(case: dict, out_dir: Path) -> None:
     inner_step = basic.step
 
     def recording_step(*args, **kwargs):
-        step_grads.append(_storage_bytes(p.grad for g in basic.param_groups for p in g["params"]))
+        step_grads.append(states.storage_bytes(p.grad for g in basic.param_groups for p in g["params"]))
         return inner_step(*args, **kwargs)
 
     basic.step = recording_step
@@ -199,21 +134,11 @@ def run_case(case: dict, out_dir: Path) -> None:
     offloaded = case.get("offload_optimizer", "none") != "none"
     grads = measure_grads(engine, stage, offloaded)
     engine.step()
-    elems, padding = partition_counts(engine, stage)
-    result = {
-        "params": measure_params(engine, stage),
-        "grads": grads,
-        "master_weights": 0 if offloaded else _storage_bytes(master_tensors(engine.optimizer, stage)),
-        "optimizer_states": 0 if offloaded else measure_states(basic),
-        "cpu_bytes": offload_cpu_bytes(engine, stage) if offloaded else 0,
-        "partition_elems": elems,
-        "padding_elems": padding,
-        "step_fp32_grads": 0 if offloaded else max(step_grads),
-        "optimizer_class": type(engine.optimizer).__name__,
-        "loss": float(loss),
-    }
+    result = states.engine_states(engine, stage, offloaded)
+    result.update(grads=grads, step_fp32_grads=0 if offloaded else max(step_grads), loss=float(loss))
     rank = int(os.environ["RANK"])
-    (out_dir / f"{case['name']}.rank{rank}.json").write_text(json.dumps(result))
+    kind = "fake." if os.environ.get("ZP_REHEARSE") else ""
+    (out_dir / f"{case['name']}.{kind}rank{rank}.json").write_text(json.dumps(result))
     engine.destroy()
 
 
@@ -224,6 +149,10 @@ def main() -> None:
     torch.set_num_threads(1)
     import deepspeed
 
+    if os.environ.get("ZP_REHEARSE"):
+        from zeroplan.runner import rehearsal
+
+        rehearsal.start(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]))
     deepspeed.init_distributed(dist_backend="gloo")
     for case in cases:
         run_case(case, out_dir)

@@ -90,11 +90,12 @@ def parse_training_args(argv: list[str], script_flags: frozenset[str] = frozense
 
 
 def check(config: dict, argv: list[str], world_size: int, script_flags: frozenset[str] = frozenset(),
-          num_training_steps: int = NUM_TRAINING_STEPS) -> TrainerCheck:
+          num_training_steps: int = NUM_TRAINING_STEPS, hidden_size: int | None = None) -> TrainerCheck:
     """Run HfTrainerDeepSpeedConfig's trainer_config_process and trainer_config_finalize on the
-    config with the arguments of `argv`, at `world_size`. The model is one whose config has no
-    hidden size, like InternVL's InternVLChatConfig, so an "auto" bucket size is reported as the
-    Trainer would refuse it there."""
+    config with the arguments of `argv`, at `world_size`. By default the model is one whose config
+    has no hidden size, like InternVL's InternVLChatConfig, so an "auto" bucket size is reported as
+    the Trainer would refuse it there; `hidden_size` gives the model one (the Trainer then derives
+    the "auto" buckets from it)."""
     _, _, HfTrainerDeepSpeedConfig, unset_hf_deepspeed_config = _transformers()
     args = parse_training_args(argv, script_flags)
     proxy = _WorldSize(args, world_size)
@@ -104,7 +105,7 @@ def check(config: dict, argv: list[str], world_size: int, script_flags: frozense
         hf.trainer_config_process(proxy)
         recorded = list(hf.mismatches)
         hf.mismatches = []
-        model = SimpleNamespace(config=SimpleNamespace())
+        model = SimpleNamespace(config=SimpleNamespace(**({} if hidden_size is None else {"hidden_size": hidden_size})))
         try:
             hf.trainer_config_finalize(proxy, model, num_training_steps)
         except ValueError as error:

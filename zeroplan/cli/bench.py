@@ -38,6 +38,7 @@ def command(
     launcher: Optional[str] = typer.Option(None, "--launcher", help="torchrun or deepspeed (default: the sweep's, else torchrun)."),
     timeout_s: Optional[float] = typer.Option(None, "--timeout-s", help="Time limit of each point in seconds (default 600)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="List the points and which would run; write nothing."),
+    parallel: Optional[int] = typer.Option(None, "--parallel", help="Rehearsed points run side by side on one GPU, up to N at once, while their predicted memory fits (default: the sweep's, else 1)."),
     model: Optional[str] = typer.Option(None, "--model", help="Models, comma-separated (1b,2b or profile paths)."),
     stages: str = typer.Option("0,1,2,3", "--stages", help="ZeRO stages, comma-separated."),
     micro_batch: str = typer.Option("1", "--micro-batch", help="Micro-batch sizes, comma-separated."),
@@ -69,8 +70,9 @@ def command(
     given = [name for name in GRID_FLAGS if _given(ctx, PARAMETERS.get(name, name))]
     if sweep is not None and given:
         raise InvalidInput(f"give either --sweep or grid flags, not both (got --{given[0].replace('_', '-')})")
-    the_sweep = _sweep_from(sweep, flags, launcher, timeout_s)
+    the_sweep = _sweep_from(sweep, flags, launcher, timeout_s, parallel)
     specs = the_sweep.expand()
+    the_sweep.check_parallel(specs)
     bench.check_results_path(results)
     console = Console(stderr=True)
     if dry_run:
@@ -91,15 +93,17 @@ def _given(ctx: typer.Context, name: str) -> bool:
     return getattr(ctx.get_parameter_source(name), "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP")
 
 
-def _sweep_from(sweep_path: Path | None, flags: dict, launcher: str | None, timeout_s: float | None) -> sweeps.Sweep:
-    """The sweep a sweep file or the grid flags describe, with --launcher/--timeout-s applied."""
+def _sweep_from(sweep_path: Path | None, flags: dict, launcher: str | None, timeout_s: float | None,
+                parallel: int | None = None) -> sweeps.Sweep:
+    """The sweep a sweep file or the grid flags describe, with --launcher/--timeout-s/--parallel applied."""
     if sweep_path is not None:
         the_sweep = sweeps.load_sweep(sweep_path)
     else:
         if flags["model"] is None:
             raise InvalidInput("give --sweep FILE or --model (e.g. --model 1b,2b)")
         the_sweep = sweeps.Sweep(grid=_grid_from_flags(flags), name="flags")
-    overrides = {key: value for key, value in (("launcher", launcher), ("timeout_s", timeout_s)) if value is not None}
+    overrides = {key: value for key, value in (("launcher", launcher), ("timeout_s", timeout_s), ("parallel", parallel))
+                 if value is not None}
     return replace(the_sweep, **overrides)
 
 
@@ -150,6 +154,22 @@ def _print_plan(specs: list, results: Path) -> None:
     Console().print(table)
 
 
+def _side_by_side(parallel: int):
+    """The side-by-side runner for --parallel N > 1 (None: one point at a time): the GPU's memory
+    from NVML, or the host's where there is no GPU (rehearsals on the CPU)."""
+    if parallel <= 1:
+        return None
+    from zeroplan.adapters.hostmem import probe_host_bytes
+    from zeroplan.adapters.nvml import probe
+    from zeroplan.lab.parallel import SideBySide, predicted_device_bytes
+
+    found = probe()
+    capacity = found.gpus[0].total_bytes if found.found else probe_host_bytes()
+    if not capacity:
+        raise InvalidInput("--parallel needs to know the GPU's memory (NVML) or the host's (/proc/meminfo); neither answered")
+    return SideBySide(parallel, capacity, predicted_device_bytes)
+
+
 def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt
 
@@ -179,7 +199,8 @@ def _run_with_progress(specs, results: Path, the_sweep: sweeps.Sweep, extra: dic
                                        f" ({record['wall_s']:.1f} s){reason}", markup=True, highlight=False)
 
             return bench.run_sweep(specs, results, bench.default_command_for(the_sweep.launcher), the_sweep.timeout_s,
-                                   extra=extra, on_start=on_start, on_end=on_end)
+                                   extra=extra, on_start=on_start, on_end=on_end,
+                                   side_by_side=_side_by_side(the_sweep.parallel))
     except KeyboardInterrupt:  # typer would turn it into a silent exit 130
         raise Interrupted(f"the running point was stopped (all its processes killed) and not recorded; "
                           f"{len(finished)} point(s) of this run are in {results}; to resume, run the same "

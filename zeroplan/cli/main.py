@@ -10,7 +10,7 @@ import sys
 
 from zeroplan.core.errors import ZeroplanError
 
-VERBS = ("estimate", "recommend", "generate", "validate", "probe", "bench", "report", "calibrate")
+VERBS = ("estimate", "recommend", "generate", "validate", "probe", "bench", "report", "calibrate", "rehearse")
 
 
 def build_app(only: str | None = None):
@@ -68,7 +68,7 @@ def _one_line(message: str) -> str:
 
 
 # The verbs that predict memory (and so replay the allocator).
-_PREDICTING_VERBS = frozenset({"recommend", "estimate", "validate", "generate", "calibrate", "report"})
+_PREDICTING_VERBS = frozenset({"recommend", "estimate", "validate", "generate", "calibrate", "report", "rehearse"})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -108,11 +108,12 @@ def communication_buffer_bytes(profile: ModelProfile, plan: Plan, trainable_elem
     return BF16 * plan.reduce_bucket_elems * (1 if plan.contiguous_gradients else 0) + BF16 * gathered
 
 
-def step_transient_bytes(profile: ModelProfile, shape: TrainShape, plan: Plan) -> int:
+def step_transient_bytes(profile: ModelProfile, shape: TrainShape, plan: Plan, rank: int | None = None) -> int:
     """Temporaries of the optimizer step: the fp32 copy of the rank's gradients Adam reads
     (zeroplan.core.partition.optimizer_step_grad_bytes: every gradient under ZeRO-0, the rank's slice
-    under ZeRO-1/2, one sub-group under ZeRO-3; none with the optimizer offloaded)."""
-    return max(optimizer_step_grad_bytes(profile, shape, plan, rank) for rank in _ranks(plan))
+    under ZeRO-1/2, one sub-group under ZeRO-3; none with the optimizer offloaded), on `rank`
+    (None: the most of any rank)."""
+    return max(optimizer_step_grad_bytes(profile, shape, plan, r) for r in _ranks(plan, rank))
 
 
 def _full_grad_of_lm_head(profile: ModelProfile, shape: TrainShape, plan: Plan) -> int:
@@ -305,8 +306,9 @@ def _replayed(profile: ModelProfile, shape: TrainShape, plan: Plan, states: Mode
 
 def estimate(profile: ModelProfile, shape: TrainShape, plan: Plan, gpu: GPUProfile,
              step_tiles: tuple[int, ...] | None = None, gradient_accumulation: int = 1,
-             compiled: bool = False) -> MemoryBreakdown:
-    """Per-GPU memory of training `profile` on `shape` under `plan`, on the most loaded rank.
+             compiled: bool = False, rank: int | None = None) -> MemoryBreakdown:
+    """Per-GPU memory of training `profile` on `shape` under `plan`, on the most loaded rank (or on
+    `rank`, for a rehearsal of that rank).
 
     Rank 0 holds the most under ZeRO-1/2 when padding falls on the last rank, and the same as the
     others otherwise; the estimate takes the maximum over ranks of the model states. `step_tiles`
@@ -315,11 +317,12 @@ def estimate(profile: ModelProfile, shape: TrainShape, plan: Plan, gpu: GPUProfi
     `gradient_accumulation` > 1 adds what DeepSpeed holds between micro-steps
     (accumulated_gradient_bytes); `compiled`: the decoder layers run under torch.compile
     (zeroplan.core.activations.llm_layer_bytes_per_token)."""
-    states = _most_loaded_rank_states(profile, replace(shape, micro_batch=1, grad_ckpt=False, ckpt_layers=None), plan)
+    flat = replace(shape, micro_batch=1, grad_ckpt=False, ckpt_layers=None)
+    states = _most_loaded_rank_states(profile, flat, plan, rank)
     compiled = compiled or bool(getattr(shape, "compiled", False))
     acts = activation_bytes(profile, shape, compiled)
     buffers = communication_buffer_bytes(profile, plan, states.partition_elems * plan.world_size)
-    step = step_transient_bytes(profile, replace(shape, micro_batch=1, grad_ckpt=False, ckpt_layers=None), plan)
+    step = step_transient_bytes(profile, flat, plan, rank)
     phases = _phases(plan, states, acts, buffers, step, _full_grad_of_lm_head(profile, shape, plan),
                      layers_done_at_first_reduce(profile, shape, plan),
                      accumulated_gradient_bytes(profile, shape, plan, states, buffers, gradient_accumulation))
@@ -353,12 +356,17 @@ def estimate(profile: ModelProfile, shape: TrainShape, plan: Plan, gpu: GPUProfi
 
 
 @lru_cache(maxsize=256)
-def _most_loaded_rank_states(profile: ModelProfile, shape: TrainShape, plan: Plan) -> ModelStateBytes:
-    """Model states do not depend on the micro-batch or checkpointing: cached across candidates."""
-    return max((model_state_bytes(profile, shape, plan, rank) for rank in _ranks(plan)),
+def _most_loaded_rank_states(profile: ModelProfile, shape: TrainShape, plan: Plan,
+                             rank: int | None = None) -> ModelStateBytes:
+    """Model states do not depend on the micro-batch or checkpointing: cached across candidates.
+    The most loaded rank's, or `rank`'s."""
+    return max((model_state_bytes(profile, shape, plan, r) for r in _ranks(plan, rank)),
                key=lambda s: s.params + s.grads + s.master_weights + s.optimizer_states)
 
 
-def _ranks(plan: Plan) -> tuple[int, ...]:
-    """Ranks worth computing: padding lands on the last one, the first is the reference."""
+def _ranks(plan: Plan, rank: int | None = None) -> tuple[int, ...]:
+    """Ranks worth computing: `rank` when one is asked for; else the last (where padding lands)
+    and the first (the reference)."""
+    if rank is not None:
+        return (rank,)
     return (0,) if plan.world_size == 1 else (0, plan.world_size - 1)

@@ -20,7 +20,10 @@ NOT_IN_POINT_ID = frozenset({"steps", "warmup_steps"})
 # Fields added after points were measured: left out of the point id at their default, so the
 # points measured before they existed keep their ids (and sweeps keep resuming).
 LATER_DEFAULTS = {"kernels": "eager", "compile": False, "gradient_accumulation": 1, "vocab_multiple": 1,
-                  "ckpt_layers": None, "optimizer_group_elems": 0, "timing": "sync", "trainer": "zeroplan"}
+                  "ckpt_layers": None, "optimizer_group_elems": 0, "timing": "sync", "trainer": "zeroplan",
+                  "simulate_world": 0, "simulate_rank": 0, "ds_config": None}
+MAX_SIMULATED_WORLD = 1 << 16
+GPUS_PER_NODE = 8  # a rehearsed world of more than 8 is described as nodes of 8 (how InternVL's jobs run)
 TIMINGS = ("sync", "wall")
 RUNNER_TRAINERS = ("zeroplan", "hf")
 
@@ -51,6 +54,12 @@ class RunSpec:
     and times them boundary to boundary on the host, the last one up to a final synchronisation.
     `trainer` "hf" runs the step through transformers.Trainer (TrainingArguments from the hf
     stack's launch arguments) instead of zeroplan's own loop.
+    `simulate_world` N > 0 rehearses rank `simulate_rank` of an N-GPU job in one process on one GPU
+    (torch's fake process group: every ZeRO partition, buffer and padding sized for N, the
+    collectives moving no data; zeroplan.runner.rehearsal); 0 is a real run of `world_size` ranks.
+    `ds_config` names a DeepSpeed JSON config to train under instead of the one zeroplan renders
+    from the plan (its ZeRO block, buckets and offload as written, "auto" filled the way the HF
+    Trainer fills it); its stage and offloads must be the spec's.
     """
 
     model: str = "tiny"
@@ -81,12 +90,15 @@ class RunSpec:
     optimizer_group_elems: int = 0
     timing: str = "sync"
     trainer: str = "zeroplan"
+    simulate_world: int = 0
+    simulate_rank: int = 0
+    ds_config: str | None = None
 
     def __post_init__(self):
         for name in ("grad_ckpt", "packed", "fixed_tiles", "compile"):
             if not isinstance(getattr(self, name), bool):
                 raise InvalidInput(f"{name} must be true or false, got {getattr(self, name)!r:.60}")
-        for name in ("model", "gpu", "dataset"):
+        for name in ("model", "gpu", "dataset", "ds_config"):
             value = getattr(self, name)
             if not (isinstance(value, str) or (value is None and name != "model")):
                 raise InvalidInput(f"{name} must be a string, got {value!r:.60}")
@@ -102,7 +114,8 @@ class RunSpec:
             if getattr(self, name) not in OFFLOAD_DEVICES:
                 raise InvalidInput(f"{name} must be one of {', '.join(OFFLOAD_DEVICES)}")
         for name, low in (("steps", 1), ("warmup_steps", 0), ("world_size", 1), ("seed", 0),
-                          ("gradient_accumulation", 1), ("vocab_multiple", 1)):
+                          ("gradient_accumulation", 1), ("vocab_multiple", 1), ("simulate_world", 0),
+                          ("simulate_rank", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise InvalidInput(f"{name} must be a whole number >= {low}, got {value!r}")
@@ -120,7 +133,33 @@ class RunSpec:
             raise InvalidInput(f"steps must be at most {MAX_STEPS}, got {self.steps}")
         if self.warmup_steps >= self.steps:
             raise InvalidInput(f"warmup_steps ({self.warmup_steps}) must be fewer than steps ({self.steps})")
+        self._check_rehearsal()
         self.shape(), self.plan()
+
+    def _check_rehearsal(self) -> None:
+        if not self.simulate_world:
+            if self.simulate_rank:
+                raise InvalidInput("simulate_rank needs simulate_world (the world size the rank is part of)")
+            return
+        if self.simulate_world > MAX_SIMULATED_WORLD:
+            raise InvalidInput(f"simulate_world must be at most {MAX_SIMULATED_WORLD}, got {self.simulate_world}")
+        if self.simulate_rank >= self.simulate_world:
+            raise InvalidInput(f"simulate_rank must be below simulate_world ({self.simulate_world}), "
+                               f"got {self.simulate_rank}")
+        if self.world_size != 1:
+            raise InvalidInput("a rehearsed rank runs alone: world_size must be 1 with simulate_world")
+        if self.trainer != "zeroplan":
+            raise InvalidInput("rehearsal runs zeroplan's own loop (trainer \"zeroplan\")")
+
+    @property
+    def simulated(self) -> bool:
+        """Whether this run rehearses one rank of a larger job on the fake process group."""
+        return self.simulate_world > 0
+
+    @property
+    def job_world_size(self) -> int:
+        """The data-parallel world the run's ZeRO partitions are sized for."""
+        return self.simulate_world or self.world_size
 
     def shape(self) -> TrainShape:
         """The TrainShape the estimator sees for this run."""
@@ -130,8 +169,12 @@ class RunSpec:
                           ckpt_layers=self.ckpt_layers)
 
     def plan(self) -> Plan:
-        """The Plan of this run: one node of `world_size` GPUs, zeroplan's default buckets."""
-        return Plan(stage=self.stage, gpus_per_node=self.world_size, nodes=1,
+        """The Plan of this run, zeroplan's default buckets: one node of `world_size` GPUs, or the
+        rehearsed world (nodes of 8 where it is a multiple of 8 above 8)."""
+        world = self.job_world_size
+        per_node, nodes = ((GPUS_PER_NODE, world // GPUS_PER_NODE)
+                           if self.simulated and world > GPUS_PER_NODE and world % GPUS_PER_NODE == 0 else (world, 1))
+        return Plan(stage=self.stage, gpus_per_node=per_node, nodes=nodes,
                     offload_optimizer=self.offload_optimizer, offload_params=self.offload_params,
                     optimizer_group_elems=self.optimizer_group_elems)
 

@@ -274,14 +274,25 @@ def run_point(spec: RunSpec, point_dir: Path, command_for: CommandFor, timeout_s
               grace_s: float = KILL_GRACE_S) -> dict[str, Any]:
     """Run one point in its own process group and return its record for the results file: the
     runner's result (if any) plus point_id, spec, status, reason, exit code, wall time and log."""
+    spec_path, result_path, log_path = prepare_point(spec, point_dir)
+    command = command_for(spec, spec_path, result_path, free_port())
+    started_at = _now()
+    outcome = run_process(command, log_path, timeout_s, grace_s)
+    return point_record(spec, outcome, read_result(result_path), command, started_at, log_path, timeout_s)
+
+
+def prepare_point(spec: RunSpec, point_dir: Path) -> tuple[Path, Path, Path]:
+    """The point's folder with its spec written and no stale result: (spec, result, log) paths."""
     point_dir.mkdir(parents=True, exist_ok=True)
     spec_path, result_path, log_path = point_dir / "spec.json", point_dir / "result.json", point_dir / "log.txt"
     _write_atomic(spec_path, spec.to_json())
     result_path.unlink(missing_ok=True)
-    command = command_for(spec, spec_path, result_path, free_port())
-    started_at = _now()
-    outcome = run_process(command, log_path, timeout_s, grace_s)
-    result = read_result(result_path)
+    return spec_path, result_path, log_path
+
+
+def point_record(spec: RunSpec, outcome: PointOutcome, result: dict[str, Any] | None, command: list[str],
+                 started_at: str, log_path: Path, timeout_s: float) -> dict[str, Any]:
+    """A finished point's line of the results file."""
     status, reason = classify(outcome, result, timeout_s)
     spec_fields = spec.to_dict()
     record = {key: spec_fields[key] for key in ("model", "stage", "micro_batch", "seq_len", "tiles", "grad_ckpt",
@@ -397,12 +408,15 @@ class _SweepLock:
 def run_sweep(specs: list[RunSpec], results_path: str | Path, command_for: CommandFor, timeout_s: float,
               grace_s: float = KILL_GRACE_S, extra: dict[str, Any] | None = None,
               on_start: Callable[[RunSpec, int, int], None] | None = None,
-              on_end: Callable[[dict[str, Any], int, int], None] | None = None) -> SweepSummary:
+              on_end: Callable[[dict[str, Any], int, int], None] | None = None,
+              side_by_side=None) -> SweepSummary:
     """Run every spec not already in `results_path`, appending each record as its point ends.
 
     A torn last line from a killed sweep is cut first; points are skipped by point id, so a
     rerun after SIGKILL runs each missing point once. `extra` keys (the sweep name, the command)
-    are added to every record. Per-point files go under `points_folder(results_path)/<point id>/`."""
+    are added to every record. Per-point files go under `points_folder(results_path)/<point id>/`.
+    `side_by_side` (zeroplan.lab.parallel.SideBySide) runs rehearsed points several at a time on
+    one GPU; None runs them one after another."""
     results_path = Path(results_path)
     check_results_path(results_path)
     results_path.parent.mkdir(parents=True, exist_ok=True)
@@ -410,6 +424,9 @@ def run_sweep(specs: list[RunSpec], results_path: str | Path, command_for: Comma
         jsonl.repair(results_path)
         todo = pending(specs, results_path)
         summary = SweepSummary(total=len(specs), skipped=len(specs) - len(todo))
+        if side_by_side is not None:
+            side_by_side.run(todo, results_path, command_for, timeout_s, grace_s, extra, summary, on_start, on_end)
+            return summary
         for index, spec in enumerate(todo):
             if on_start:
                 on_start(spec, index, len(todo))
@@ -435,6 +452,10 @@ def describe(spec: RunSpec) -> str:
         parts.append(f"lora{spec.lora_rank}")
     if spec.world_size > 1:
         parts.append(f"x{spec.world_size}")
+    if spec.simulated:
+        parts.append(f"rank {spec.simulate_rank} of {spec.simulate_world}")
+    if spec.ds_config:
+        parts.append(f"config {Path(spec.ds_config).name}")
     if spec.timing != "sync":
         parts.append(f"timed-{spec.timing}")
     return " ".join(parts + speed_labels(spec))

@@ -96,8 +96,10 @@ def check_record(record: dict) -> None:
     for key, (what, test) in RECORD_FIELDS.items():
         value = record.get(key)
         measured = record.get("measured_peak_allocated_bytes") is not None  # a GPU run: it has all three
+        rehearsed = bool(spec.get("simulate_world"))  # a rehearsed rank has no real step time
         optional = key in ("nvml_peak_used_bytes", "tiles_per_sample") or (
-            key in ("measured_peak_reserved_bytes", "step_time_s") and not measured)
+            key in ("measured_peak_reserved_bytes", "step_time_s") and not measured) or (
+            key == "step_time_s" and rehearsed)
         if value is None and (optional or key == "measured_peak_allocated_bytes"):
             continue
         if not test(value):
@@ -132,6 +134,8 @@ def points_from_records(records: list[dict]) -> list[RunPoint]:
         check_record(record)
         spec = record.get("spec") or {}
         if record.get("status") != "ok" or not record.get("measured_peak_allocated_bytes") or not spec:
+            continue
+        if spec.get("simulate_world"):  # rehearsed: no communication in its step, never fitted
             continue
         profile = record_profile(record)
         shape = record_shape(record)

@@ -72,6 +72,7 @@ class Sweep:
     launcher: str = "torchrun"
     timeout_s: float = 600.0
     variants: tuple[Grid, ...] = ()
+    parallel: int = 1
 
     def grids(self) -> tuple[Grid, ...]:
         """The grid under each variant (the grid itself when there are none)."""
@@ -98,6 +99,15 @@ class Sweep:
         if (isinstance(self.timeout_s, bool) or not isinstance(self.timeout_s, (int, float))
                 or not math.isfinite(self.timeout_s) or self.timeout_s <= 0):
             raise InvalidInput(f"timeout must be a positive number of seconds, got {self.timeout_s!r}")
+        if isinstance(self.parallel, bool) or not isinstance(self.parallel, int) or not 1 <= self.parallel <= 16:
+            raise InvalidInput(f"parallel must be a whole number from 1 to 16, got {self.parallel!r}")
+
+    def check_parallel(self, specs: list[RunSpec]) -> None:
+        """Points run side by side only when every one is a rehearsed rank (one process each):
+        real runs need their GPUs to themselves."""
+        if self.parallel > 1 and not all(spec.simulated for spec in specs):
+            raise InvalidInput("parallel > 1 runs rehearsed points (simulate_world) side by side on one GPU; "
+                               "this sweep has real runs, which need their GPUs to themselves")
 
 
 def resolve_model(name: str) -> str:
@@ -148,7 +158,7 @@ AXIS_FIELDS = ("model", "stage", "micro_batch", "grad_ckpt", "offload_optimizer"
                "tiles", "frozen", "lora_rank")
 # Every other RunSpec field is a [run] setting every point shares.
 RUN_KEYS = tuple(f.name for f in fields(RunSpec) if f.name not in AXIS_FIELDS)
-SWEEP_KEYS = ("name", "description", "launcher", "timeout_s", "grid", "run", "variants")
+SWEEP_KEYS = ("name", "description", "launcher", "timeout_s", "grid", "run", "variants", "parallel")
 
 
 def load_sweep(path: str | Path) -> Sweep:
@@ -185,7 +195,7 @@ def load_sweep(path: str | Path) -> Sweep:
         grid = Grid(**axes, run=run_data)
         variants = tuple(Grid(**a, run=r) for a, r in zip(variants_axes, variants_run))
         return Sweep(grid=grid, name=str(data.get("name", path.stem)), launcher=data.get("launcher", "torchrun"),
-                     timeout_s=data.get("timeout_s", 600.0), variants=variants)
+                     timeout_s=data.get("timeout_s", 600.0), variants=variants, parallel=data.get("parallel", 1))
     except TypeError as error:
         raise InvalidInput(f"{path}: {error}") from None
 

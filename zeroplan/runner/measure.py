@@ -43,6 +43,12 @@ class StepMeter:
     synchronize: bool = True
     records: list[StepRecord] = field(default_factory=list)
     nvml_used_bytes: list[int] = field(default_factory=list)
+    # NVML's memory of this process and the allocator's reserved bytes, read together after each
+    # step: their difference is what lives outside PyTorch's allocator (CUDA context, NCCL).
+    nvml_process_samples: list[tuple[int, int]] = field(default_factory=list)
+    # The allocator's reserved bytes after each step (they only grow unless the cache is emptied):
+    # which step the reserved peak was reached by.
+    reserved_after_step: list[int] = field(default_factory=list)
     steps_peak_allocated_bytes: int | None = None
     _boundary: float | None = None
 
@@ -59,8 +65,17 @@ class StepMeter:
         seconds, self._boundary = now - self._boundary, now
         flops = step_flops(self.profile, self.shape, batch.tiles, batch.segment_lengths).total
         self.records.append(StepRecord(seconds, batch.samples, batch.tiles, batch.text_tokens, batch.image_tokens, flops))
+        if self.cuda:
+            import torch
+
+            self.reserved_after_step.append(int(torch.cuda.max_memory_reserved()))
         if self.nvml is not None:
             self.nvml_used_bytes.append(self.nvml.used_bytes())
+            own = self.nvml.process_used_bytes()
+            if own is not None:
+                import torch
+
+                self.nvml_process_samples.append((own, int(torch.cuda.memory_reserved())))
 
     def finish(self) -> None:
         """After the last step: wait for the GPU and count the wait in the last step's time."""
@@ -231,6 +246,22 @@ class Nvml:
         """Memory used on the device right now, every process and the CUDA context included."""
         return int(self.pynvml.nvmlDeviceGetMemoryInfo(self.handle).used)
 
+    def process_used_bytes(self) -> int | None:
+        """Device memory this process uses right now (its CUDA context, the allocator's segments and
+        anything allocated outside the allocator), or None where the driver does not say: the
+        number that stays this run's own when other processes share the GPU."""
+        import os
+
+        try:
+            running = self.pynvml.nvmlDeviceGetComputeRunningProcesses(self.handle)
+        except self.pynvml.NVMLError:
+            return None
+        for process in running:
+            if process.pid == os.getpid():
+                used = getattr(process, "usedGpuMemory", None)
+                return int(used) if isinstance(used, int) and used >= 0 else None
+        return None
+
     def driver(self) -> str:
         value = self.pynvml.nvmlSystemGetDriverVersion()
         return value.decode() if isinstance(value, bytes) else str(value)
@@ -305,28 +336,36 @@ def memory_peaks(cuda: bool) -> dict:
 
         out["peak_allocated_bytes"] = int(torch.cuda.max_memory_allocated())
         out["peak_reserved_bytes"] = int(torch.cuda.max_memory_reserved())
+        stats = torch.cuda.memory_stats()
+        # A retry means cudaMalloc failed and the allocator emptied its cache to try again: the
+        # reserved peak is then not what the run alone would have reached.
+        out["alloc_retries"] = int(stats.get("num_alloc_retries", 0))
+        out["ooms"] = int(stats.get("num_ooms", 0))
     return out
 
 
 def gather_to_all(value):
-    """Every rank's `value`, in rank order (all_gather_object; works on gloo and nccl)."""
+    """Every rank's `value`, in rank order (all_gather_object; works on gloo and nccl); a
+    rehearsed rank's alone."""
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()):
+    from zeroplan.runner import rehearsal
+
+    if not (dist.is_available() and dist.is_initialized()) or rehearsal.active():
         return [value]
     values = [None] * dist.get_world_size()
     dist.all_gather_object(values, value)
     return values
 
 
-def prediction(profile, shape, plan, gpu, gradient_accumulation: int = 1) -> dict:
-    """zeroplan's memory estimate for the run, its accumulation included (None fields when the
-    estimator is unavailable)."""
+def prediction(profile, shape, plan, gpu, gradient_accumulation: int = 1, rank: int | None = None) -> dict:
+    """zeroplan's memory estimate for the run, its accumulation included, on `rank` (None: the most
+    loaded one); None fields when the estimator is unavailable."""
     try:
         from zeroplan.core.memory import estimate
 
         breakdown = estimate(profile, shape, plan, gpu, gradient_accumulation=gradient_accumulation,
-                             compiled=shape.compiled)
+                             compiled=shape.compiled, rank=rank)
         return {"predicted_peak_bytes": int(breakdown.peak_bytes),
                 "predicted_peak_allocated_bytes": int(getattr(breakdown, "peak_allocated", 0)) or None,
                 "predicted_peak_reserved_bytes": int(getattr(breakdown, "peak_reserved", 0)) or None,
@@ -335,6 +374,24 @@ def prediction(profile, shape, plan, gpu, gradient_accumulation: int = 1) -> dic
         return {"predicted_peak_bytes": None, "predicted_peak_allocated_bytes": None,
                 "predicted_peak_reserved_bytes": None, "predicted_breakdown": None,
                 "prediction_unavailable": f"{type(error).__name__}: {error}"}
+
+
+def cap_memory(spec, gpu, cuda: bool) -> int | None:
+    """A rehearsed rank is judged against the GPU its plan is for (the spec's GPU profile): where
+    that GPU has less memory than this one, PyTorch's allocator is capped at what the target leaves
+    beside its CUDA context, so a plan that would not fit the target runs out of memory here too.
+    Returns the cap in bytes, or None when nothing was capped."""
+    if not (cuda and spec.simulated and spec.gpu):
+        return None
+    import torch
+
+    total = int(torch.cuda.get_device_properties(0).total_memory)
+    context = int(gpu.calibrated.get("cuda_context_bytes", gpu.cuda_context_bytes))
+    cap = gpu.memory_bytes - context
+    if cap >= total:
+        return None
+    torch.cuda.set_per_process_memory_fraction(cap / total, 0)
+    return cap
 
 
 def relative_error(predicted: int | None, measured: int | None) -> float | None:
@@ -351,6 +408,8 @@ def prediction_errors(result: dict) -> dict:
         "allocated": relative_error(result.get("predicted_peak_allocated_bytes"), result.get("measured_peak_allocated_bytes")),
         "reserved": relative_error(result.get("predicted_peak_reserved_bytes"), result.get("measured_peak_reserved_bytes")),
         "nvml_used": relative_error(result.get("predicted_peak_bytes"), result.get("nvml_peak_used_bytes")),
+        "nvml_process_used": relative_error(result.get("predicted_peak_bytes"),
+                                            result.get("nvml_process_peak_used_bytes")),
     }
     main = errors["nvml_used"] if errors["nvml_used"] is not None else errors["allocated"]
     return {"prediction_relative_error": main, "prediction_relative_errors": errors}

@@ -91,12 +91,16 @@ def initialise_weights(model, seed: int, zero3: bool) -> None:
     """Re-initialise every weight with transformers' own `_init_weights`, reseeding per module from
     (seed, module name), so the values do not depend on construction order or on ZeRO-3: under
     stage 3 each module's partitioned parameters are gathered, rank 0 initialises them and
-    DeepSpeed scatters the result (GatheredParameters with modifier_rank=0)."""
+    DeepSpeed scatters the result (GatheredParameters with modifier_rank=0). A rehearsed rank
+    initialises them itself (the broadcast from rank 0 moves nothing on the fake group), with the
+    same seeds, so it keeps the slice of the values rank 0 would have sent."""
     import torch
+
+    from zeroplan.runner import rehearsal
 
     owners = _owners(model)
     gathered = _gatherer(zero3)
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() and not rehearsal.active() else 0
     with torch.no_grad():
         for name, module in model.named_modules():
             params = list(module.parameters(recurse=False))

@@ -16,14 +16,26 @@ STABLE_KEYS = ("model", "stage", "micro_batch", "seq_len", "tiles", "grad_ckpt",
                "tokens_per_s", "mfu", "step_time_s", "final_loss")
 
 
-def init_distributed() -> tuple[bool, int, int, int]:
+def init_distributed(spec: RunSpec | None = None) -> tuple[bool, int, int, int]:
     """Start the process group before any model is built (InternVL's rule under ZeRO-3):
-    nccl on CUDA, gloo with DeepSpeed's CPU accelerator otherwise. Returns (cuda, rank, world, local rank)."""
+    nccl on CUDA, gloo with DeepSpeed's CPU accelerator otherwise; for a rehearsed rank, torch's
+    fake process group as rank R of N (zeroplan.runner.rehearsal), alone on GPU 0. Returns (cuda,
+    rank, world, local rank)."""
     import torch
 
     cuda = torch.cuda.is_available()
     if not cuda:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if spec is not None and spec.simulated:
+        from zeroplan.runner import rehearsal
+
+        if cuda:
+            torch.cuda.set_device(0)
+        rehearsal.start(spec.simulate_rank, spec.simulate_world)
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")  # finds the fake group started
+        return cuda, spec.simulate_rank, spec.simulate_world, 0
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("LOCAL_RANK", "0")
@@ -63,26 +75,44 @@ def set_up(spec: RunSpec, cuda: bool, world_size: int, result: dict):
     the DeepSpeed config carries (buckets and ZeRO-3 knobs tuned to the model, so the prediction and
     the run describe the same thing), the GPU profile; the environment and every prediction are put
     into `result`. Returns (profile, image_token_id, shape, plan, gpu)."""
-    from zeroplan.core.tuning import tuned_plan
     from zeroplan.runner import measure, model as model_setup
 
-    if world_size != spec.world_size:
-        raise RuntimeError(f"launched with {world_size} ranks but the spec asks for {spec.world_size}")
+    if world_size != spec.job_world_size:
+        raise RuntimeError(f"launched with {world_size} ranks but the spec asks for {spec.job_world_size}")
     profile, image_token_id = model_setup.resolve(spec)
     shape = spec.shape()
-    plan = tuned_plan(profile, shape, spec.plan())
+    plan = run_plan(spec, profile, shape)
     gpu = resolve_gpu(spec, cuda)
     result.update(measure.environment(cuda, None))
-    result.update(gpu_profile=gpu.name, **measure.prediction(profile, shape, plan, gpu, spec.gradient_accumulation))
+    rank = spec.simulate_rank if spec.simulated else None
+    result.update(gpu_profile=gpu.name, **measure.prediction(profile, shape, plan, gpu, spec.gradient_accumulation,
+                                                             rank=rank))
     result["deepspeed_estimator_bytes"] = deepspeed_estimate(profile, shape, plan)
     result.update(predicted_step(profile, shape, plan, gpu, spec.gradient_accumulation))
     return profile, image_token_id, shape, plan, gpu
 
 
+def run_plan(spec: RunSpec, profile, shape):
+    """The plan the run's DeepSpeed config carries: the spec's own config file read back
+    (zeroplan.runner.config.user_config), else the spec's plan with buckets and ZeRO-3 knobs tuned
+    to the model, as `recommend` writes them."""
+    from zeroplan.core.tuning import tuned_plan
+
+    if spec.ds_config:
+        from zeroplan.runner.config import user_config
+
+        return user_config(spec, profile)[1]
+    return tuned_plan(profile, shape, spec.plan())
+
+
 def mean_over_ranks(value) -> float:
-    """The loss averaged over ranks (each rank saw different samples)."""
+    """The loss averaged over ranks (each rank saw different samples); a rehearsed rank's own."""
     import torch.distributed as dist
 
+    from zeroplan.runner import rehearsal
+
+    if rehearsal.active():
+        return float(value)
     dist.all_reduce(value, op=dist.ReduceOp.SUM)
     return float(value) / dist.get_world_size()
 
@@ -103,12 +133,17 @@ def resolve_gpu(spec: RunSpec, cuda: bool):
 
 
 def collect(spec, profile, gpu, meter, init_peaks: dict, step_peaks: dict, world_size: int) -> dict:
-    """Job-wide throughput and FLOPs, and every rank's memory peaks, gathered from every rank."""
+    """Job-wide throughput and FLOPs, and every rank's memory peaks, gathered from every rank (a
+    rehearsed rank's own, its speed kept apart as the compute part: see rehearsal_view)."""
     from zeroplan.runner import measure
 
     records = measure.combine_ranks(measure.gather_to_all(meter.records))
-    out = measure.throughput(records, spec.warmup_steps, world_size, gpu.bf16_dense_tflops * 1e12)
+    counted = 1 if spec.simulated else world_size
+    out = measure.throughput(records, spec.warmup_steps, counted, gpu.bf16_dense_tflops * 1e12)
     out["patch_tokens_per_s"] = measure.patch_tokens_per_s(out["tiles_per_s"], profile)
+    out.update(outside_allocator(meter.nvml_process_samples))
+    out["peak_reserved_after_step_bytes"] = meter.reserved_after_step
+    out.update(alloc_retries=step_peaks.get("alloc_retries"), ooms=step_peaks.get("ooms"))
     per_rank = measure.gather_to_all({"init": init_peaks, "steps": step_peaks,
                                       "nvml_peak_used_bytes": max(meter.nvml_used_bytes, default=None)})
     allocated = [r["steps"]["peak_allocated_bytes"] for r in per_rank]
@@ -123,7 +158,34 @@ def collect(spec, profile, gpu, meter, init_peaks: dict, step_peaks: dict, world
         init_peak_allocated_bytes=_max_or_none(init_allocated), nvml_peak_used_bytes=_max_or_none(nvml_used),
         bf16_dense_tflops_per_gpu=gpu.bf16_dense_tflops,
     )
+    return rehearsal_view(spec, out) if spec.simulated else out
+
+
+# What a run measures of its speed: a rehearsed rank's steps have no communication in them, so
+# these move under "compute" and the job-level keys stay None (never fitted or reported as a real
+# step time; zeroplan.lab.stepfit and calibrate skip them).
+SPEED_KEYS = ("step_time_s", "step_times_s", "tokens_per_s", "text_tokens_per_s", "image_tokens_per_s",
+              "samples_per_s", "tiles_per_s", "patch_tokens_per_s", "achieved_tflops", "achieved_tflops_per_gpu",
+              "mfu")
+
+
+def rehearsal_view(spec: RunSpec, out: dict) -> dict:
+    """A rehearsed rank's record: its speed as the compute part of one rank, the world it played."""
+    out["compute"] = {key: out.get(key) for key in SPEED_KEYS}
+    out.update({key: None for key in SPEED_KEYS})
+    out["simulated"] = {"world_size": spec.simulate_world, "rank": spec.simulate_rank,
+                        "process_group": "fake", "communication": "none (collectives move no data)"}
     return out
+
+
+def outside_allocator(samples: list[tuple[int, int]]) -> dict:
+    """From NVML's per-process memory and the allocator's reserved bytes read together after each
+    step: this process's peak device memory and the most it held outside PyTorch's allocator (the
+    CUDA context, cuBLAS's and NCCL's own buffers)."""
+    if not samples:
+        return {"nvml_process_peak_used_bytes": None, "outside_allocator_bytes": None}
+    return {"nvml_process_peak_used_bytes": max(own for own, _ in samples),
+            "outside_allocator_bytes": max(own - reserved for own, reserved in samples)}
 
 
 def _max_or_none(values: list) -> int | None:

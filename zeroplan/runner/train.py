@@ -53,8 +53,8 @@ def train(spec: RunSpec, cuda: bool, rank: int, world_size: int, local_rank: int
     import deepspeed
     import torch
 
-    from zeroplan.runner import data, measure, model as model_setup
-    from zeroplan.runner.config import deepspeed_config
+    from zeroplan.runner import data, measure, model as model_setup, states
+    from zeroplan.runner.config import run_config
 
     if spec.trainer == "hf":  # transformers.Trainer with the hf stack's printed arguments
         from zeroplan.runner import hf_trainer
@@ -63,9 +63,9 @@ def train(spec: RunSpec, cuda: bool, rank: int, world_size: int, local_rank: int
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     profile, image_token_id, shape, plan, gpu = set_up(spec, cuda, world_size, result)
     client = spec.offload_optimizer == "none"
-    ds_config, source = deepspeed_config(profile, shape, plan, spec.micro_batch, spec.lr, client,
-                                         spec.gradient_accumulation)
+    ds_config, source = run_config(spec, profile, shape, plan, client)
     result.update(ds_config=ds_config, ds_config_source=source)
+    result["memory_cap_bytes"] = measure.cap_memory(spec, gpu, cuda)
 
     history = measure.MemoryHistory.from_environment(cuda, rank)
     history.start()
@@ -114,6 +114,7 @@ def train(spec: RunSpec, cuda: bool, rank: int, world_size: int, local_rank: int
                           peak_reserved_bytes=max(phases.reserved.values()))
     result.update(collect(spec, profile, gpu, meter, init_peaks, step_peaks, world_size))
     result["per_rank_phase_peaks"] = measure.gather_to_all(phases.as_dict())
+    result["model_states"] = states.engine_states(engine, spec.stage, spec.offload_optimizer != "none")
     history.dump()
     result.update(measure.environment(cuda, nvml))
 
@@ -143,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     result = base_result(spec)
     rank, code = int(os.environ.get("RANK", "0")), EXIT_ERROR
     try:
-        cuda, rank, world_size, local_rank = init_distributed()
+        cuda, rank, world_size, local_rank = init_distributed(spec)
         result["world_size_launched"] = world_size
         train(spec, cuda, rank, world_size, local_rank, result)
         result.update(status="ok", reason=None)
@@ -156,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
 
         traceback.print_exc()
     finish(result)
-    if rank == 0 or code != EXIT_OK:
+    if rank == 0 or code != EXIT_OK or spec.simulated:  # a rehearsed rank is the whole record
         write_result(args.result, result)
     if code == EXIT_OK:
         wait_for_all_ranks()
