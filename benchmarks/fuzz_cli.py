@@ -36,10 +36,11 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 ROOT = Path(__file__).resolve().parents[1]
-VERBS = ("estimate", "recommend", "generate", "validate", "probe", "bench", "report", "calibrate")
+VERBS = ("estimate", "recommend", "generate", "validate", "probe", "bench", "report", "calibrate", "rehearse")
 EXIT_CODES = {verb: {0, 2} for verb in VERBS}
 EXIT_CODES["recommend"] |= {3}
 EXIT_CODES["validate"] |= {3}
+EXIT_CODES["rehearse"] |= {1, 3}  # a rank failed / does not fit (on a GPU node; without one, 2)
 EXIT_CODES["estimate"] |= {3}  # the plan does not fit (issue 16: the same statuses as recommend and validate)
 TRACEBACK_MARK = "Traceback (most recent call last)"
 DETAIL_PREFIX = "  "  # recommend's nothing-fits lines after the first: node RAM, verified hints
@@ -359,6 +360,15 @@ def _options(fixtures: dict[str, Path]) -> dict[str, tuple[list, list[Option]]]:
                       Option("--micro-batch", small, num), Option("--grad-accum", small, num),
                       Option("--grad-ckpt"), Option("--no-grad-ckpt"), json_flag]),
         "probe": ([], [json_flag]),
+        "rehearse": ([], [Option("--model", model, model_bad, required=True),
+                          Option("--gpus", st.sampled_from(["1", "8", "64"]), num, required=True),
+                          Option("--gpu", gpu, gpu_bad), *shape,
+                          Option("--config", _paths(fixtures, "ds.json"), st.one_of(_hostile_paths(fixtures), ds_json)),
+                          Option("--stage", st.sampled_from(["0", "1", "2", "3"]), num),
+                          Option("--micro-batch", small, num), Option("--grad-accum", small, num),
+                          Option("--ranks", st.sampled_from(["0", "0,7", "3"]), text),
+                          Option("--steps", st.sampled_from(["2", "4"]), num),
+                          Option("--results", st.sampled_from(["r.jsonl"]), _out_paths(fixtures)), json_flag]),
         "bench": ([], [Option("--results", st.sampled_from(["results.jsonl", "r/results.jsonl"]),
                               st.one_of(_out_paths(fixtures), _hostile_paths(fixtures)), required=True),
                        Option("--sweep", _paths(fixtures, "sweep.toml"),

@@ -18,6 +18,8 @@ def pytest_configure(config):
     """Each test process (and what it starts) remembers validations in its own empty folder, so
     no test is answered from a user's cache or from another test run's (zeroplan.adapters.cache)."""
     os.environ["ZEROPLAN_CACHE_DIR"] = tempfile.mkdtemp(prefix="zeroplan-test-cache-")
+    # ... and its record of the files zeroplan wrote (zeroplan.adapters.written) in its own folder.
+    os.environ["ZEROPLAN_STATE_DIR"] = tempfile.mkdtemp(prefix="zeroplan-test-state-")
 
 
 def _cuda_available() -> bool:

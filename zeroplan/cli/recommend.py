@@ -231,7 +231,8 @@ def command(
 ):
     """Recommend the fastest ZeRO plan that fits, explain the runners-up, write its DeepSpeed config."""
     from zeroplan.adapters.validator_process import take
-    from zeroplan.core.atomic import check_replaceable, write_atomic
+    from zeroplan.adapters.written import remember
+    from zeroplan.core.atomic import check_file_target, write_atomic
     from zeroplan.core.dsconfig import to_json
     from zeroplan.core.errors import DoesNotFit, InvalidInput
     from zeroplan.adapters.gpus import choose_gpu
@@ -245,9 +246,7 @@ def command(
 
     from zeroplan.core.profiles import pad_vocab as padded
 
-    check_replaceable(out, force)
-    if trainer == "zeroplan":  # the bundled runner's run file is written beside the config
-        check_replaceable(out.with_name(out.stem + ".run.json"), force)
+    check_file_target(out)
     if isinstance(pad_vocab, bool) or not 1 <= pad_vocab <= 4096:
         raise InvalidInput(f"--pad-vocab must be a whole number from 1 to 4096, got {pad_vocab}")
     given = load_model(model)
@@ -277,9 +276,14 @@ def command(
     finally:
         validator.close()
     spec_path = out.with_name(out.stem + ".run.json")
-    write_atomic(out, to_json(config))
-    if stack.name == "zeroplan":
-        write_atomic(spec_path, run_spec(model, best, pad_vocab).to_json() + "\n")
+    refusal = _refusal([out] + ([spec_path] if stack.name == "zeroplan" else []), force)
+    if refusal is None:
+        write_atomic(out, to_json(config))
+        remember(out, to_json(config))
+        if stack.name == "zeroplan":
+            spec_text = run_spec(model, best, pad_vocab).to_json() + "\n"
+            write_atomic(spec_path, spec_text)
+            remember(spec_path, spec_text)
     payload = _payload(result, profile, chosen, config, out,
                        stack_launch_lines(stack, best.plan, args, str(out), str(spec_path)))
     payload["trainer"] = {"name": stack.name, "title": stack.title, "cwd": stack.cwd,
@@ -289,8 +293,31 @@ def command(
     payload["validation"] = note or "validated by DeepSpeed's config classes"
     payload["recipe"] = _recipe(given, profile, result.best, chosen.profile, pad_hint=stack.name == "zeroplan")
     payload["communication"] = _communication(profile, result, chosen.profile)
+    payload["config_written"] = refusal is None
     if json_out:
         o.print_json(payload)
     else:
         _print(payload, result)
+    if refusal is not None:  # the plan is printed; the file the user holds is left as it is
+        raise InvalidInput(f"{refusal}; the plan above was not written (the lines name a file that holds something else)")
     return 0
+
+
+def _refusal(paths: list, force: bool) -> str | None:
+    """Why a file recommend would write must not be replaced, or None. A file zeroplan wrote and
+    nobody changed since is replaced (asking again is the common case); any other existing file
+    only with --force; a read-only one never (zeroplan.core.atomic.check_replaceable)."""
+    from zeroplan.adapters.written import wrote_unchanged
+    from zeroplan.core.atomic import check_replaceable
+    from zeroplan.core.errors import InvalidInput
+
+    for path in paths:
+        try:
+            check_replaceable(path, force or wrote_unchanged(path))
+        except InvalidInput as error:
+            reason = str(error)
+            if "already exists" in reason:
+                reason = (f"{str(path)[:200]} already exists and is not the unchanged file zeroplan wrote there; "
+                          "give --force to replace it, or another --out")
+            return reason
+    return None

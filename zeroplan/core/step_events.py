@@ -13,7 +13,7 @@ DeepSpeed 0.19.8's model states, buckets and optimizer step (zeroplan.core.zero_
 
 from __future__ import annotations
 
-from zeroplan.core.activations import BF16, FP32
+from zeroplan.core.activations import BF16, FP32, vision_graph_recorded
 from zeroplan.core.allocator import CUBLAS_WORKSPACE, Trace
 from zeroplan.core.partition import ModelStateBytes
 from zeroplan.core.plan import Plan, TrainShape
@@ -292,7 +292,7 @@ def _one_step(trace: Trace, profile: ModelProfile, shape: TrainShape, plan: Plan
     tokens = shape.micro_batch * shape.seq_len
     before = set(trace.live)
     patch_tokens, image_tokens = tiles * (vision.patches_per_tile + 1), tiles * profile.tokens_per_tile
-    vision_grads = shape.trains("vision")
+    vision_grads = vision_graph_recorded(shape)  # a frozen tower is recorded too under checkpointing
     projector_grads = shape.trains("projector") or vision_grads
     vision_layer_elems = 4 * vision.hidden_size ** 2 + 2 * vision.hidden_size * vision.intermediate_size
     llm_layer_elems = (llm.hidden_size * (2 * llm.num_heads + 2 * llm.num_kv_heads) * llm.head_dim
@@ -370,7 +370,8 @@ def _one_step(trace: Trace, profile: ModelProfile, shape: TrainShape, plan: Plan
                 out, saved = _vision_layer(trace, profile, patch_tokens, vision_inputs[index], keep=True)
                 trace.free(out)
             grad = _vision_layer_backward(trace, profile, patch_tokens, saved, grad)
-            deepspeed.weight_grad("vision_layer", vision_layer_elems)
+            if shape.trains("vision"):
+                deepspeed.weight_grad("vision_layer", vision_layer_elems)
             trace.free(gather)
         trace.free(grad)
     kept = (set(deepspeed.buckets) | {grad for grad, _ in deepspeed.grads} | {deepspeed.partition}
